@@ -1,0 +1,374 @@
+//! Types shared by the eBPF datapath and the userspace daemon.
+//!
+//! Every map key and value is `#[repr(C)]`, has explicit padding, and a
+//! compile-time size check so both sides agree on the layout. Fields holding
+//! addresses or ports in network byte order end in `_be`: they are stored
+//! exactly as they appear in the packet, so the datapath compares and writes
+//! them without conversion.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+
+use bytemuck::{Pod, Zeroable};
+
+/// IP protocol numbers we translate.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Map names, as the eBPF object defines them and as they are pinned.
+pub mod map_names {
+    pub const FRONTENDS: &str = "FRONTENDS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const IFACES: &str = "IFACES";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    /// Every map the daemon pins, in a stable order.
+    pub const ALL: [&str; 7] = [
+        FRONTENDS,
+        BACKENDS,
+        CONNTRACK,
+        IFACES,
+        CONFIG,
+        SERVICE_STATS,
+        REASON_STATS,
+    ];
+}
+
+/// Program names in the eBPF object.
+pub mod program_names {
+    pub const XDP: &str = "xdp_ingress";
+    pub const TC: &str = "tc_ingress";
+}
+
+pub const MAX_FRONTENDS: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Default conntrack capacity; the daemon may size it differently at load.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+pub const MAX_IFACES: u32 = 4_096;
+/// Slots in the per-service counters array; slot 0 is never handed out.
+pub const MAX_STATS_SLOTS: u32 = 65_536;
+/// Upper bound on backends of one frontend (keeps the choice loop-free).
+pub const MAX_BACKENDS_PER_FRONTEND: u32 = 65_535;
+
+/// Key of the frontends map: one entry per (address, port, protocol) we accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FrontendKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 8);
+
+/// The frontend will not source-NAT (externalTrafficPolicy: Local).
+pub const FRONTEND_F_NO_SNAT: u32 = 1 << 0;
+/// With no backend, drop instead of passing to the kernel.
+pub const FRONTEND_F_DROP_IF_EMPTY: u32 = 1 << 1;
+
+/// Value of the frontends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Frontend {
+    /// Id of the backend set in [`BackendKey::backend_set`]. A new set is
+    /// written in full before the frontend points at it, so a packet never
+    /// sees a half-written list.
+    pub backend_set: u32,
+    pub backend_count: u32,
+    /// Index into the per-service counters.
+    pub stats_slot: u32,
+    /// `FRONTEND_F_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendKey {
+    pub backend_set: u32,
+    pub index: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+
+/// The backend runs on this node: keep the client address, no source NAT.
+pub const BACKEND_F_LOCAL: u16 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// A flow as it appears on the wire, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+
+impl CtKey {
+    pub const fn new(saddr_be: u32, sport_be: u16, daddr_be: u32, dport_be: u16, proto: u8) -> Self {
+        CtKey {
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// This entry translates replies (backend to client).
+pub const CT_F_REPLY: u8 = 1 << 0;
+/// The flow is source-NATed to a node address and port (remote backend).
+pub const CT_F_SNAT: u8 = 1 << 1;
+
+/// TCP and UDP flow states, shared by both entries of a flow.
+pub const CT_STATE_NEW: u8 = 0;
+/// TCP: established (or picked up mid-stream). UDP: a reply was seen.
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// TCP: a FIN was seen.
+pub const CT_STATE_FIN: u8 = 2;
+/// TCP: a RST was seen.
+pub const CT_STATE_CLOSED: u8 = 3;
+
+/// Value of the conntrack map: how to rewrite a packet matching [`CtKey`].
+///
+/// A flow has two entries: the forward one keyed by the client's packet and
+/// the reply one keyed by the backend's packet. Each holds the addresses and
+/// ports to write, so one rewrite routine serves both directions. The peer's
+/// key is always `(new_daddr, new_dport) -> (new_saddr, new_sport)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    pub new_saddr_be: u32,
+    pub new_daddr_be: u32,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    pub stats_slot: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+    /// `CT_F_*`.
+    pub flags: u8,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+
+impl CtEntry {
+    /// The key of the other direction of this flow.
+    pub const fn peer_key(&self, proto: u8) -> CtKey {
+        CtKey::new(
+            self.new_daddr_be,
+            self.new_dport_be,
+            self.new_saddr_be,
+            self.new_sport_be,
+            proto,
+        )
+    }
+}
+
+/// Packet and byte counters (per CPU in the maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+
+/// The device faces clients: frontends are looked up on it.
+pub const IFACE_F_EXTERNAL: u32 = 1 << 0;
+/// XDP may transmit out of this device (`XDP_TX` / redirect).
+pub const IFACE_F_XDP_TX: u32 = 1 << 1;
+/// A veth whose peer sits in another namespace: tc may `bpf_redirect_peer` to it.
+pub const IFACE_F_VETH_PEER: u32 = 1 << 2;
+
+/// Value of the interfaces map, keyed by ifindex (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IfaceInfo {
+    /// Address used as the source of source-NATed flows leaving here (0: none).
+    pub snat_addr_be: u32,
+    /// `IFACE_F_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
+
+/// Datapath settings, the single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Source ports for source-NATed flows, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+    pub tcp_syn_timeout_ns: u64,
+    pub tcp_established_timeout_ns: u64,
+    pub tcp_fin_timeout_ns: u64,
+    pub tcp_closed_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+    pub udp_replied_timeout_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+impl Default for Config {
+    /// kube-proxy's conntrack settings where it sets them (established 24 h),
+    /// the kernel's elsewhere. Source ports above the default local port range
+    /// (32768-60999) and the NodePort range (30000-32767).
+    fn default() -> Self {
+        Config {
+            snat_port_min: 61_000,
+            snat_port_max: 65_535,
+            _pad: 0,
+            tcp_syn_timeout_ns: 120 * NS_PER_SEC,
+            tcp_established_timeout_ns: 86_400 * NS_PER_SEC,
+            tcp_fin_timeout_ns: 120 * NS_PER_SEC,
+            tcp_closed_timeout_ns: 10 * NS_PER_SEC,
+            udp_timeout_ns: 30 * NS_PER_SEC,
+            udp_replied_timeout_ns: 120 * NS_PER_SEC,
+        }
+    }
+}
+
+impl Config {
+    /// How long an entry in `state` for `proto` may sit idle.
+    pub const fn timeout_ns(&self, proto: u8, state: u8) -> u64 {
+        if proto == IPPROTO_TCP {
+            match state {
+                CT_STATE_NEW => self.tcp_syn_timeout_ns,
+                CT_STATE_ESTABLISHED => self.tcp_established_timeout_ns,
+                CT_STATE_FIN => self.tcp_fin_timeout_ns,
+                _ => self.tcp_closed_timeout_ns,
+            }
+        } else if state == CT_STATE_ESTABLISHED {
+            self.udp_replied_timeout_ns
+        } else {
+            self.udp_timeout_ns
+        }
+    }
+}
+
+macro_rules! reasons {
+    ($($variant:ident = $name:literal : $doc:literal,)*) => {
+        /// Why the datapath did what it did with a packet; each has a per-CPU counter.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Reason {
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable snake_case name for output and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)* }
+            }
+
+            /// The packet is dropped (every other reason passes or forwards it).
+            pub const fn is_drop(self) -> bool {
+                matches!(self, Reason::DropNoLocalBackend | Reason::DropRedirectFailed)
+            }
+
+            pub const fn description(self) -> &'static str {
+                match self { $(Reason::$variant => $doc,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    XdpTx = "xdp_tx": "forwarded by XDP out of the device it came in on",
+    XdpRedirect = "xdp_redirect": "forwarded by XDP to another device",
+    TcRedirectPeer = "tc_redirect_peer": "forwarded by tc straight into a local pod's namespace",
+    TcRedirect = "tc_redirect": "forwarded by tc to the egress device",
+    TcRedirectNeigh = "tc_redirect_neigh": "forwarded by tc, the kernel resolving the next hop",
+    XdpToTc = "xdp_to_tc": "left by XDP for tc (egress needs an skb, or no neighbour yet)",
+    PassNotIpv4 = "pass_not_ipv4": "passed: not IPv4",
+    PassNotTcpUdp = "pass_not_tcp_udp": "passed: IPv4 but neither TCP nor UDP",
+    PassNoService = "pass_no_service": "passed: no frontend and no flow for this packet",
+    PassFragment = "pass_fragment": "passed: IPv4 fragment",
+    PassMalformed = "pass_malformed": "passed: truncated or malformed headers",
+    PassTtl = "pass_ttl": "passed: TTL would expire",
+    PassNoBackend = "pass_no_backend": "passed: service has no usable backend",
+    PassSnatExhausted = "pass_snat_exhausted": "passed: no free source port for a remote backend",
+    PassCtCollision = "pass_ct_collision": "passed: another flow owns the reply tuple",
+    PassCtFull = "pass_ct_full": "passed: the conntrack map refused an entry",
+    PassFibFailed = "pass_fib_failed": "passed: no route, or the route needs the kernel",
+    PassNoSnatAddr = "pass_no_snat_addr": "passed: no node address to source-NAT from",
+    PassStaleReply = "pass_stale_reply": "passed: reply to a flow that has expired",
+    DropNoLocalBackend = "drop_no_local_backend": "dropped: externalTrafficPolicy Local with no local backend",
+    DropRedirectFailed = "drop_redirect_failed": "dropped: a redirect helper failed after the rewrite",
+    CtCreated = "ct_created": "new flows tracked (not a verdict)",
+    CtRecycled = "ct_recycled": "expired or closed flows replaced by a new one (not a verdict)",
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for IfaceInfo {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_are_unique_and_snake_case() {
+        for (i, a) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*a as u32, i as u32, "discriminants follow ALL");
+            assert!(a.name().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            for b in &Reason::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn peer_key_swaps_the_rewritten_tuple() {
+        let e = CtEntry {
+            new_saddr_be: 1,
+            new_daddr_be: 2,
+            new_sport_be: 3,
+            new_dport_be: 4,
+            ..Default::default()
+        };
+        assert_eq!(e.peer_key(IPPROTO_TCP), CtKey::new(2, 4, 1, 3, IPPROTO_TCP));
+    }
+
+    #[test]
+    fn default_snat_range_avoids_nodeports_and_local_ports() {
+        let c = Config::default();
+        assert!(c.snat_port_min > 60_999 && c.snat_port_min <= c.snat_port_max);
+        assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_STATE_ESTABLISHED), 86_400 * NS_PER_SEC);
+        assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_STATE_NEW), 30 * NS_PER_SEC);
+    }
+}

@@ -1,0 +1,34 @@
+//! The maps shared with userspace (see forwarder-common for the layouts).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use forwarder_common::{
+    Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, IfaceInfo, Reason,
+    DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES, MAX_STATS_SLOTS,
+};
+
+#[map]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
+
+#[map]
+pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// Flows in both directions. LRU so a full table recycles the oldest flow
+/// instead of refusing new ones; userspace also sweeps expired entries.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Devices we are attached to or may forward to, by ifindex.
+#[map]
+pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+
+#[map]
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

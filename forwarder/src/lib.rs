@@ -1,0 +1,1 @@
+pub static EBPF_OBJECT: &[u8] = &[];
