@@ -1,1 +1,12 @@
-pub static EBPF_OBJECT: &[u8] = &[];
+//! forwarder: an XDP NodePort accelerator for Kubernetes nodes.
+//!
+//! Userspace side: reads the desired Services (manifests now, the Kubernetes
+//! API later), translates them into datapath entries, writes the pinned eBPF
+//! maps and attaches the programs.
+
+pub mod manifest;
+pub mod model;
+pub mod translate;
+
+/// The compiled eBPF object (built by build.rs from forwarder-ebpf).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

@@ -1,1 +1,3 @@
-fn main(){}
+fn main() {
+    println!("{} bytes of eBPF", forwarder::EBPF_OBJECT.len());
+}

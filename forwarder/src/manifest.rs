@@ -1,0 +1,1 @@
+//! Reading Service and EndpointSlice manifests (being written).

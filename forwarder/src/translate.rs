@@ -1,0 +1,1 @@
+//! Services + EndpointSlices -> desired datapath state (being written).
