@@ -15,11 +15,7 @@ pub const fn fold(mut sum: u32) -> u16 {
 /// `check` after a 32-bit field covered by it changes from `old` to `new`.
 #[inline(always)]
 pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check as u32)
-        + (!old & 0xffff)
-        + (!old >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = (!check as u32) + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 
@@ -79,9 +75,30 @@ mod tests {
     #[test]
     fn incremental_address_and_ttl_updates_match_a_full_recompute() {
         let cases = [
-            ([10, 0, 0, 100], [10, 0, 0, 1], [10, 0, 0, 100], [10, 244, 2, 10], 64, 63),
-            ([1, 2, 3, 4], [255, 255, 255, 255], [0, 0, 0, 0], [9, 9, 9, 9], 2, 1),
-            ([192, 168, 0, 1], [0, 0, 0, 0], [255, 255, 0, 0], [0, 0, 255, 255], 255, 254),
+            (
+                [10, 0, 0, 100],
+                [10, 0, 0, 1],
+                [10, 0, 0, 100],
+                [10, 244, 2, 10],
+                64,
+                63,
+            ),
+            (
+                [1, 2, 3, 4],
+                [255, 255, 255, 255],
+                [0, 0, 0, 0],
+                [9, 9, 9, 9],
+                2,
+                1,
+            ),
+            (
+                [192, 168, 0, 1],
+                [0, 0, 0, 0],
+                [255, 255, 0, 0],
+                [0, 0, 255, 255],
+                255,
+                254,
+            ),
         ];
         for (src, dst, new_src, new_dst, ttl, new_ttl) in cases {
             let h = header(src, dst, ttl);
@@ -94,7 +111,11 @@ mod tests {
                 u16::from_ne_bytes([new_ttl, 6]),
             );
             let expected = header(new_src, new_dst, new_ttl);
-            assert_eq!(c.to_ne_bytes(), [expected[10], expected[11]], "{src:?}->{new_src:?}");
+            assert_eq!(
+                c.to_ne_bytes(),
+                [expected[10], expected[11]],
+                "{src:?}->{new_src:?}"
+            );
         }
     }
 
@@ -103,7 +124,10 @@ mod tests {
         for check in [0x0000u16, 0x1234, 0xfffe, 0xffff] {
             let out = replace_u32(check, 0xdead_beef, 0xdead_beef);
             // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(out == check || (out ^ check) == 0xffff, "{check:#x} -> {out:#x}");
+            assert!(
+                out == check || (out ^ check) == 0xffff,
+                "{check:#x} -> {out:#x}"
+            );
         }
     }
 }

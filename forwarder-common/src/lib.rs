@@ -25,8 +25,9 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
+    pub const SERVICE_LABELS: &str = "SERVICE_LABELS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
@@ -34,6 +35,7 @@ pub mod map_names {
         CONFIG,
         SERVICE_STATS,
         REASON_STATS,
+        SERVICE_LABELS,
     ];
 }
 
@@ -97,7 +99,7 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 pub const BACKEND_F_LOCAL: u16 = 1 << 0;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
@@ -115,19 +117,28 @@ pub struct CtKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two scalar pads rather than `[u8; 3]`: the eBPF build zeroes arrays with memset calls.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 
 impl CtKey {
-    pub const fn new(saddr_be: u32, sport_be: u16, daddr_be: u32, dport_be: u16, proto: u8) -> Self {
+    pub const fn new(
+        saddr_be: u32,
+        sport_be: u16,
+        daddr_be: u32,
+        dport_be: u16,
+        proto: u8,
+    ) -> Self {
         CtKey {
             saddr_be,
             daddr_be,
             sport_be,
             dport_be,
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
@@ -167,7 +178,8 @@ pub struct CtEntry {
     pub flags: u8,
     /// `CT_STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 6],
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
@@ -192,6 +204,38 @@ pub struct Counters {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+
+/// Name of the service port a counters slot belongs to (`namespace/name:port`),
+/// NUL-padded. Written by userspace so `forwarder stats` needs no daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceLabel {
+    pub bytes: [u8; SERVICE_LABEL_LEN],
+}
+pub const SERVICE_LABEL_LEN: usize = 128;
+const _: () = assert!(core::mem::size_of::<ServiceLabel>() == SERVICE_LABEL_LEN);
+
+impl ServiceLabel {
+    /// Truncates at a character boundary to fit.
+    pub fn new(label: &str) -> Self {
+        let mut end = label.len().min(SERVICE_LABEL_LEN);
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; SERVICE_LABEL_LEN];
+        bytes[..end].copy_from_slice(&label.as_bytes()[..end]);
+        ServiceLabel { bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(SERVICE_LABEL_LEN);
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("<invalid label>")
+    }
+}
 
 /// The device faces clients: frontends are looked up on it.
 pub const IFACE_F_EXTERNAL: u32 = 1 << 0;
@@ -335,6 +379,7 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceLabel {}
 }
 
 #[cfg(test)]
@@ -345,11 +390,26 @@ mod tests {
     fn reason_names_are_unique_and_snake_case() {
         for (i, a) in Reason::ALL.iter().enumerate() {
             assert_eq!(*a as u32, i as u32, "discriminants follow ALL");
-            assert!(a.name().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(a
+                .name()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
             for b in &Reason::ALL[i + 1..] {
                 assert_ne!(a.name(), b.name());
             }
         }
+    }
+
+    #[test]
+    fn labels_round_trip_and_truncate_on_char_boundaries() {
+        assert_eq!(
+            ServiceLabel::new("istio-system/istio-ingressgateway:http2").as_str(),
+            "istio-system/istio-ingressgateway:http2"
+        );
+        let long = "é".repeat(100);
+        let l = ServiceLabel::new(&long);
+        assert_eq!(l.as_str().len(), 128);
+        assert!(long.starts_with(l.as_str()));
     }
 
     #[test]
@@ -368,7 +428,10 @@ mod tests {
     fn default_snat_range_avoids_nodeports_and_local_ports() {
         let c = Config::default();
         assert!(c.snat_port_min > 60_999 && c.snat_port_min <= c.snat_port_max);
-        assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_STATE_ESTABLISHED), 86_400 * NS_PER_SEC);
+        assert_eq!(
+            c.timeout_ns(IPPROTO_TCP, CT_STATE_ESTABLISHED),
+            86_400 * NS_PER_SEC
+        );
         assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_STATE_NEW), 30 * NS_PER_SEC);
     }
 }

@@ -73,7 +73,7 @@ pub fn decide<E: EgressLookup>(
     let key = CtKey::new(h.saddr, h.sport, h.daddr, h.dport, h.proto);
     let mut stale_peer: Option<CtKey> = None;
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         let entry = unsafe { &mut *entry };
         let is_reply = entry.flags & CT_F_REPLY != 0;
         let new_syn = h.proto == IPPROTO_TCP
@@ -99,7 +99,7 @@ pub fn decide<E: EgressLookup>(
         proto: h.proto,
         _pad: 0,
     };
-    let fe: Frontend = match unsafe { FRONTENDS.get(&fkey) } {
+    let fe: Frontend = match unsafe { FRONTENDS.get(fkey) } {
         Some(fe) => *fe,
         None => return Err(Reason::PassNoService),
     };
@@ -111,17 +111,21 @@ pub fn decide<E: EgressLookup>(
         });
     }
     let hash = flow_hash(h.saddr, h.daddr, h.sport, h.dport, h.proto);
+    let index = match hash.checked_rem(fe.backend_count) {
+        Some(i) => i,
+        None => return Err(Reason::PassNoBackend),
+    };
     let bkey = BackendKey {
         backend_set: fe.backend_set,
-        index: hash % fe.backend_count,
+        index,
     };
-    let be: Backend = match unsafe { BACKENDS.get(&bkey) } {
+    let be: Backend = match unsafe { BACKENDS.get(bkey) } {
         Some(be) => *be,
         None => return Err(Reason::PassNoBackend),
     };
 
     if let Some(old) = stale_peer {
-        let _ = CONNTRACK.remove(&old);
+        let _ = CONNTRACK.remove(old);
         stats::count(Reason::CtRecycled);
     }
 
@@ -130,7 +134,7 @@ pub fn decide<E: EgressLookup>(
     let (src_addr, src_port, reply_key) = if snat {
         let snat_addr = egress
             .egress_ifindex(h, be.addr_be, be.port_be)
-            .and_then(|ifindex| unsafe { IFACES.get(&ifindex) })
+            .and_then(|ifindex| unsafe { IFACES.get(ifindex) })
             .map(|i| i.snat_addr_be)
             .unwrap_or(0);
         if snat_addr == 0 {
@@ -146,7 +150,8 @@ pub fn decide<E: EgressLookup>(
             created_ns: now,
             flags: CT_F_REPLY | CT_F_SNAT,
             state,
-            _pad: [0; 6],
+            _pad0: 0,
+            _pad1: 0,
         };
         let (port, rkey) = claim_snat_port(&cfg, hash, be, snat_addr, h.proto, &reply)?;
         (snat_addr, port, rkey)
@@ -162,9 +167,10 @@ pub fn decide<E: EgressLookup>(
             created_ns: now,
             flags: CT_F_REPLY,
             state,
-            _pad: [0; 6],
+            _pad0: 0,
+            _pad1: 0,
         };
-        if CONNTRACK.insert(&rkey, &reply, BPF_NOEXIST as u64).is_err() {
+        if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
             return Err(Reason::PassCtCollision);
         }
         (h.saddr, h.sport, rkey)
@@ -180,13 +186,18 @@ pub fn decide<E: EgressLookup>(
         created_ns: now,
         flags: if snat { CT_F_SNAT } else { 0 },
         state,
-        _pad: [0; 6],
+        _pad0: 0,
+        _pad1: 0,
     };
-    let flags = if stale_peer.is_some() { 0 } else { BPF_NOEXIST as u64 };
-    if CONNTRACK.insert(&key, &forward, flags).is_err() {
+    let flags = if stale_peer.is_some() {
+        0
+    } else {
+        BPF_NOEXIST as u64
+    };
+    if CONNTRACK.insert(key, forward, flags).is_err() {
         // Another CPU created this flow first (or the map refused): use theirs.
-        let _ = CONNTRACK.remove(&reply_key);
-        return match unsafe { CONNTRACK.get(&key) } {
+        let _ = CONNTRACK.remove(reply_key);
+        return match unsafe { CONNTRACK.get(key) } {
             Some(e) => Ok(Translation::from_entry(e)),
             None => Err(Reason::PassCtFull),
         };
@@ -215,10 +226,14 @@ fn claim_snat_port(
     let mut i = 0;
     while i < SNAT_PROBES {
         // Odd stride: successive probes walk distinct ports.
-        let port = min + (hash.wrapping_add(i.wrapping_mul(7919))) % span;
+        let offset = match hash.wrapping_add(i.wrapping_mul(7919)).checked_rem(span) {
+            Some(o) => o,
+            None => return Err(Reason::PassSnatExhausted),
+        };
+        let port = min + offset;
         let port_be = (port as u16).to_be();
         let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
-        if CONNTRACK.insert(&rkey, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_ok() {
             return Ok((port_be, rkey));
         }
         i += 1;
@@ -228,13 +243,12 @@ fn claim_snat_port(
 
 #[inline(always)]
 fn initial_state(h: &Headers) -> u8 {
-    if h.proto != IPPROTO_TCP {
-        CT_STATE_NEW
-    } else if h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        CT_STATE_NEW
-    } else {
+    let tcp_midstream = h.proto == IPPROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+    if tcp_midstream {
         // Picked up mid-stream (e.g. after the table was flushed).
         CT_STATE_ESTABLISHED
+    } else {
+        CT_STATE_NEW
     }
 }
 
@@ -246,7 +260,7 @@ fn expired(entry: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
         return false;
     }
     // One-way traffic keeps a flow alive through the other direction's entry.
-    match unsafe { CONNTRACK.get(&entry.peer_key(proto)) } {
+    match unsafe { CONNTRACK.get(entry.peer_key(proto)) } {
         Some(peer) => now.saturating_sub(peer.last_seen_ns) > timeout,
         None => true,
     }
@@ -264,7 +278,7 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
     entry.state = next;
     entry.last_seen_ns = now;
     let peer_key = entry.peer_key(h.proto);
-    match CONNTRACK.get_ptr_mut(&peer_key) {
+    match CONNTRACK.get_ptr_mut(peer_key) {
         Some(peer) => {
             if changed {
                 unsafe { (*peer).state = next };
@@ -283,9 +297,10 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 created_ns: entry.created_ns,
                 flags: (entry.flags & CT_F_SNAT) | if is_reply { 0 } else { CT_F_REPLY },
                 state: next,
-                _pad: [0; 6],
+                _pad0: 0,
+                _pad1: 0,
             };
-            let _ = CONNTRACK.insert(&peer_key, &peer, BPF_NOEXIST as u64);
+            let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);
         }
     }
 }
@@ -293,7 +308,11 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
 #[inline(always)]
 fn next_state(state: u8, h: &Headers, is_reply: bool) -> u8 {
     if h.proto != IPPROTO_TCP {
-        return if is_reply { CT_STATE_ESTABLISHED } else { state };
+        return if is_reply {
+            CT_STATE_ESTABLISHED
+        } else {
+            state
+        };
     }
     let f = h.tcp_flags;
     if f & TCP_RST != 0 {

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, IfaceInfo, Reason,
-    DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES, MAX_STATS_SLOTS,
+    Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, IfaceInfo,
+    Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES,
+    MAX_STATS_SLOTS,
 };
 
 #[map]
@@ -32,3 +33,8 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Counter slot -> service port name; only userspace reads and writes it.
+#[map]
+pub static SERVICE_LABELS: HashMap<u32, ServiceLabel> =
+    HashMap::with_max_entries(MAX_STATS_SLOTS, 0);

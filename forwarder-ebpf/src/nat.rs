@@ -79,33 +79,50 @@ pub fn rewrite_tc(ctx: &TcContext, h: &Headers, t: &Translation) -> Result<(), R
     };
     let fail = |_| Reason::DropRedirectFailed;
     if t.saddr != h.saddr {
-        ctx.l4_csum_replace(check_off, h.saddr as u64, t.saddr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+        ctx.l4_csum_replace(
+            check_off,
+            h.saddr as u64,
+            t.saddr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(fail)?;
+        ctx.l3_csum_replace(IP_CHECK, h.saddr as u64, t.saddr as u64, 4)
             .map_err(fail)?;
-        ctx.l3_csum_replace(IP_CHECK, h.saddr as u64, t.saddr as u64, 4).map_err(fail)?;
         ctx.store(L3_OFF + 12, &t.saddr, 0).map_err(fail)?;
     }
     if t.daddr != h.daddr {
-        ctx.l4_csum_replace(check_off, h.daddr as u64, t.daddr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+        ctx.l4_csum_replace(
+            check_off,
+            h.daddr as u64,
+            t.daddr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(fail)?;
+        ctx.l3_csum_replace(IP_CHECK, h.daddr as u64, t.daddr as u64, 4)
             .map_err(fail)?;
-        ctx.l3_csum_replace(IP_CHECK, h.daddr as u64, t.daddr as u64, 4).map_err(fail)?;
         ctx.store(L3_OFF + 16, &t.daddr, 0).map_err(fail)?;
     }
     if t.sport != h.sport {
-        ctx.l4_csum_replace(check_off, h.sport as u64, t.sport as u64, mangled | 2).map_err(fail)?;
+        ctx.l4_csum_replace(check_off, h.sport as u64, t.sport as u64, mangled | 2)
+            .map_err(fail)?;
         ctx.store(h.l4_off, &t.sport, 0).map_err(fail)?;
     }
     if t.dport != h.dport {
-        ctx.l4_csum_replace(check_off, h.dport as u64, t.dport as u64, mangled | 2).map_err(fail)?;
+        ctx.l4_csum_replace(check_off, h.dport as u64, t.dport as u64, mangled | 2)
+            .map_err(fail)?;
         ctx.store(h.l4_off + 2, &t.dport, 0).map_err(fail)?;
     }
     let old = ttl_word(h.ttl, h.proto);
     let new = ttl_word(h.ttl - 1, h.proto);
-    ctx.l3_csum_replace(IP_CHECK, old as u64, new as u64, 2).map_err(fail)?;
+    ctx.l3_csum_replace(IP_CHECK, old as u64, new as u64, 2)
+        .map_err(fail)?;
     ctx.store(L3_OFF + 8, &(h.ttl - 1), 0).map_err(fail)
 }
 
 #[inline(always)]
 pub fn set_macs_tc(ctx: &TcContext, route: &Route) -> Result<(), Reason> {
-    ctx.store(0, &route.dmac, 0).map_err(|_| Reason::DropRedirectFailed)?;
-    ctx.store(6, &route.smac, 0).map_err(|_| Reason::DropRedirectFailed)
+    ctx.store(0, &route.dmac, 0)
+        .map_err(|_| Reason::DropRedirectFailed)?;
+    ctx.store(6, &route.smac, 0)
+        .map_err(|_| Reason::DropRedirectFailed)
 }

@@ -91,11 +91,12 @@ fn classify(ctx: &TcContext) -> Result<Verdict, Reason> {
     // Direct access needs the headers linear (GRO'd or paged skbs may not be).
     let want = (ctx.len() as usize).min(MAX_HEADERS_LEN);
     if ctx.data_end() - ctx.data() < want {
-        ctx.pull_data(want as u32).map_err(|_| Reason::PassMalformed)?;
+        ctx.pull_data(want as u32)
+            .map_err(|_| Reason::PassMalformed)?;
     }
     let h: Headers = parse::parse(ctx.data(), ctx.data_end())?;
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let ingress: IfaceInfo = match unsafe { IFACES.get(&ingress_ifindex) } {
+    let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
         Some(i) => *i,
         None => return Ok(Verdict::Pass(Reason::PassNoService)),
     };
@@ -111,11 +112,19 @@ fn classify(ctx: &TcContext) -> Result<Verdict, Reason> {
         Err(r) if r.is_drop() => return Ok(Verdict::Drop(r)),
         Err(r) => return Ok(Verdict::Pass(r)),
     };
-    match fib::lookup(ctx.as_ptr(), ingress_ifindex, &h, t.saddr, t.daddr, t.sport, t.dport) {
+    match fib::lookup(
+        ctx.as_ptr(),
+        ingress_ifindex,
+        &h,
+        t.saddr,
+        t.daddr,
+        t.sport,
+        t.dport,
+    ) {
         Fib::Forward(route) => {
             nat::rewrite_tc(ctx, &h, &t)?;
             nat::set_macs_tc(ctx, &route)?;
-            let peer = unsafe { IFACES.get(&route.ifindex) }
+            let peer = unsafe { IFACES.get(route.ifindex) }
                 .is_some_and(|i| i.flags & IFACE_F_VETH_PEER != 0);
             if peer {
                 Ok(Verdict::Peer(route.ifindex, t))

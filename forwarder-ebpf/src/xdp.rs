@@ -65,7 +65,7 @@ fn classify(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let h: Headers = parse::parse(data, data_end)?;
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
-    let ingress: IfaceInfo = match unsafe { IFACES.get(&ingress_ifindex) } {
+    let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
         Some(i) => *i,
         None => return Ok(Verdict::Pass(Reason::PassNoService)),
     };
@@ -81,14 +81,22 @@ fn classify(ctx: &XdpContext) -> Result<Verdict, Reason> {
         Err(r) if r.is_drop() => return Ok(Verdict::Drop(r)),
         Err(r) => return Ok(Verdict::Pass(r)),
     };
-    let route = match fib::lookup(ctx.as_ptr(), ingress_ifindex, &h, t.saddr, t.daddr, t.sport, t.dport) {
+    let route = match fib::lookup(
+        ctx.as_ptr(),
+        ingress_ifindex,
+        &h,
+        t.saddr,
+        t.daddr,
+        t.sport,
+        t.dport,
+    ) {
         Fib::Forward(route) => route,
         // tc resolves the neighbour with bpf_redirect_neigh.
         Fib::NoNeigh(_) => return Ok(Verdict::Pass(Reason::XdpToTc)),
         Fib::Fail => return Ok(Verdict::Pass(Reason::PassFibFailed)),
     };
     let can_transmit = route.ifindex == ingress_ifindex && ingress.flags & IFACE_F_XDP_TX != 0
-        || unsafe { IFACES.get(&route.ifindex) }.is_some_and(|i| i.flags & IFACE_F_XDP_TX != 0);
+        || unsafe { IFACES.get(route.ifindex) }.is_some_and(|i| i.flags & IFACE_F_XDP_TX != 0);
     if !can_transmit {
         // Delivery needs an skb (a local pod, a bridge): tc does it.
         return Ok(Verdict::Pass(Reason::XdpToTc));

@@ -4,8 +4,14 @@
 //! API later), translates them into datapath entries, writes the pinned eBPF
 //! maps and attaches the programs.
 
+pub mod daemon;
+pub mod datapath;
 pub mod manifest;
+pub mod maps;
 pub mod model;
+pub mod netdev;
+pub mod plan;
+pub mod stats;
 pub mod translate;
 
 /// The compiled eBPF object (built by build.rs from forwarder-ebpf).

@@ -1,3 +1,121 @@
-fn main() {
-    println!("{} bytes of eBPF", forwarder::EBPF_OBJECT.len());
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{anyhow, Result};
+use clap::{Parser, Subcommand};
+use forwarder::{
+    daemon::{self, RunArgs},
+    datapath::{XdpModeArg, XdpTxArg},
+    netdev::Ipv4Cidr,
+    stats,
+};
+
+/// XDP NodePort accelerator for Kubernetes nodes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the interfaces and forward NodePort traffic for the Services in the manifests.
+    Run {
+        /// Interfaces that face clients (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        iface: Vec<String>,
+        /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Service and EndpointSlice manifests (YAML or JSON): a file or a directory. Reloaded on change.
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
+        /// Whether XDP transmits translated packets itself (else tc does).
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_tx: XdpTxArg,
+        /// Serve nodePorts only on node addresses inside these prefixes (as kube-proxy's flag).
+        #[arg(long, value_delimiter = ',')]
+        nodeport_addresses: Vec<Ipv4Cidr>,
+        /// Where the maps are pinned (on a bpffs; mounted if needed).
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
+        /// Source ports for flows to remote backends, e.g. 61000-65535.
+        #[arg(long, value_parser = parse_port_range)]
+        snat_port_range: Option<(u16, u16)>,
+        /// Capacity of the conntrack table (entries; a flow takes two).
+        #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
+        conntrack_entries: u32,
+    },
+    /// Print the datapath's counters from the pinned maps.
+    Stats {
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 61000-65535"))?;
+    let min = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let max = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
+    Ok((min, max))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forwarder: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run {
+            iface,
+            node_name,
+            manifests,
+            xdp_mode,
+            xdp_tx,
+            nodeport_addresses,
+            pin_dir,
+            snat_port_range,
+            conntrack_entries,
+        } => {
+            if conntrack_entries < 2 {
+                return Err(anyhow!("--conntrack-entries must be at least 2"));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(daemon::run(RunArgs {
+                ifaces: iface,
+                node_name,
+                manifests,
+                xdp_mode,
+                xdp_tx,
+                nodeport_addresses,
+                pin_dir,
+                snat_port_range,
+                conntrack_entries,
+            }))
+        }
+        Command::Stats { pin_dir, output } => stats::run(&pin_dir, matches!(output, Output::Json)),
+    }
 }

@@ -1,0 +1,176 @@
+//! `forwarder run`: program the datapath from manifests and keep it in step.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use forwarder_common::Config;
+use log::{error, info, warn};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    datapath::{self, Datapath, Options, XdpModeArg, XdpTxArg},
+    manifest,
+    model::{Desired, NodeContext},
+    netdev::Ipv4Cidr,
+    plan, translate,
+};
+
+pub struct RunArgs {
+    pub ifaces: Vec<String>,
+    pub node_name: String,
+    pub manifests: PathBuf,
+    pub xdp_mode: XdpModeArg,
+    pub xdp_tx: XdpTxArg,
+    pub nodeport_addresses: Vec<Ipv4Cidr>,
+    pub pin_dir: PathBuf,
+    pub snat_port_range: Option<(u16, u16)>,
+    pub conntrack_entries: u32,
+}
+
+/// How often manifests, addresses and pod devices are re-checked.
+const POLL: Duration = Duration::from_secs(1);
+/// How often idle conntrack entries are swept.
+const SWEEP: Duration = Duration::from_secs(10);
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let mut config = Config::default();
+    if let Some((min, max)) = args.snat_port_range {
+        config.snat_port_min = min;
+        config.snat_port_max = max;
+    }
+    datapath::check_snat_range(
+        config.snat_port_min,
+        config.snat_port_max,
+        datapath::local_port_range(),
+    )?;
+    if !args.manifests.exists() {
+        anyhow::bail!("--manifests {} does not exist", args.manifests.display());
+    }
+    let opts = Options {
+        ifaces: args.ifaces.clone(),
+        xdp_mode: args.xdp_mode,
+        xdp_tx: args.xdp_tx,
+        pin_dir: args.pin_dir.clone(),
+        config,
+        conntrack_entries: args.conntrack_entries,
+    };
+    let mut dp = Datapath::load(&opts)?;
+    let result = serve(&mut dp, &args, &config).await;
+    let shutdown = dp.shutdown();
+    result.and(shutdown)
+}
+
+struct State {
+    fingerprint: Option<u64>,
+    addresses: Vec<Ipv4Addr>,
+    desired: Desired,
+}
+
+async fn serve(dp: &mut Datapath, args: &RunArgs, config: &Config) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = State {
+        fingerprint: None,
+        addresses: Vec::new(),
+        desired: Desired::default(),
+    };
+    let mut ready = false;
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = tick.tick() => {}
+        }
+        match reconcile(dp, args, &mut state) {
+            Ok(true) if !ready => {
+                ready = true;
+                info!(
+                    "ready: {} frontends programmed on {}",
+                    state.desired.frontends.len(),
+                    args.ifaces.join(",")
+                );
+            }
+            Ok(_) => {}
+            // The datapath keeps what it had; we try again next tick.
+            Err(e) => error!("reconcile failed, keeping the previous state: {e:#}"),
+        }
+        if last_sweep.elapsed() >= SWEEP {
+            last_sweep = Instant::now();
+            match dp.sweep_conntrack(config) {
+                Ok(0) => {}
+                Ok(n) => info!("conntrack: removed {n} idle entries"),
+                Err(e) => warn!("conntrack sweep: {e:#}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One pass: re-read what changed, program the difference, follow pod
+/// devices. Returns whether the desired state is programmed.
+fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<bool> {
+    let fingerprint = manifest::fingerprint(&args.manifests)
+        .with_context(|| format!("reading {}", args.manifests.display()))?;
+    let addresses: Vec<Ipv4Addr> = dp
+        .external_addresses()?
+        .into_iter()
+        .filter(|a| {
+            args.nodeport_addresses.is_empty()
+                || args.nodeport_addresses.iter().any(|c| c.contains(*a))
+        })
+        .collect();
+    if state.fingerprint != Some(fingerprint) || state.addresses != addresses {
+        if addresses.is_empty() {
+            warn!(
+                "no node address on {} matches --nodeport-addresses: nodePorts are not served",
+                args.ifaces.join(",")
+            );
+        }
+        let set = manifest::load_path(&args.manifests)
+            .with_context(|| format!("loading {}", args.manifests.display()))?;
+        for p in &set.problems {
+            warn!("manifest: {p}");
+        }
+        let node = NodeContext {
+            node_name: args.node_name.clone(),
+            node_addresses: addresses.clone(),
+        };
+        let t = translate::translate(&set.services, &set.endpoint_slices, &node);
+        for s in &t.skipped {
+            info!("not accelerated: {s}");
+        }
+        let current = dp.maps.snapshot()?;
+        let ops = plan::plan(&t.desired, &current)?;
+        dp.maps.apply(&ops)?;
+        let backends: usize = t.desired.frontends.values().map(|f| f.backends.len()).sum();
+        info!(
+            "programmed {} frontends, {} backend references ({} map writes) from {} Services, {} EndpointSlices",
+            t.desired.frontends.len(),
+            backends,
+            ops.len(),
+            set.services.len(),
+            set.endpoint_slices.len()
+        );
+        for (addr, f) in &t.desired.frontends {
+            log::debug!("{addr} -> {} {:?}", f.label(), f.backends);
+        }
+        state.desired = t.desired;
+        state.fingerprint = Some(fingerprint);
+        state.addresses = addresses;
+    }
+    let local_pods: BTreeSet<Ipv4Addr> = state
+        .desired
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter().filter(|b| b.local).map(|b| b.addr))
+        .collect();
+    dp.sync_pod_devices(&local_pods)?;
+    Ok(true)
+}

@@ -1,0 +1,543 @@
+//! Loading the eBPF object, pinning its maps, attaching XDP and tc, and
+//! keeping the interface table in step with the node's devices.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    programs::{
+        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use forwarder_common::{
+    map_names, program_names, Config, CtEntry, CtKey, IfaceInfo, IFACE_F_EXTERNAL,
+    IFACE_F_VETH_PEER, IFACE_F_XDP_TX,
+};
+use log::{info, warn};
+
+use crate::{
+    maps::{pin_path, Maps},
+    netdev::{self, DeviceKind},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    /// Native (driver) mode, falling back to generic where the driver refuses.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpTxArg {
+    /// On, except for native XDP on a veth (it drops XDP frames unless its
+    /// peer has NAPI, which we cannot see from here).
+    Auto,
+    On,
+    Off,
+}
+
+pub struct Options {
+    pub ifaces: Vec<String>,
+    pub xdp_mode: XdpModeArg,
+    pub xdp_tx: XdpTxArg,
+    pub pin_dir: PathBuf,
+    pub config: Config,
+    pub conntrack_entries: u32,
+}
+
+/// The mode an interface ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+struct External {
+    name: String,
+    ifindex: u32,
+    _xdp: XdpLinkId,
+    mode: Attached,
+    _tc: SchedClassifierLinkId,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pin_dir: PathBuf,
+    external: Vec<External>,
+    /// Pod-facing devices with our tc program, by ifindex.
+    pod_devices: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `pin_dir` lives on a bpffs, mounting one if needed.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let mut existing = pin_dir;
+    while !existing.exists() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no existing parent", pin_dir.display()))?;
+    }
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    if !on_bpffs(existing) {
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        let target = if pin_dir.starts_with(sys_bpf) {
+            sys_bpf.to_path_buf()
+        } else {
+            pin_dir
+                .parent()
+                .ok_or_else(|| anyhow!("--pin-dir {} has no parent", pin_dir.display()))?
+                .to_path_buf()
+        };
+        fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        if !on_bpffs(&target) {
+            nix::mount::mount(
+                Some("bpf"),
+                &target,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mounting bpffs on {}", target.display()))?;
+            info!("mounted bpffs on {}", target.display());
+        }
+    }
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating pin dir {}", pin_dir.display()))
+}
+
+/// Turns the kernel's answer to a load into one line an operator can act on.
+fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow!("loading the eBPF programs was refused (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN): {e}")
+    } else {
+        anyhow!(e).context("loading the eBPF programs")
+    }
+}
+
+impl Datapath {
+    pub fn load(opts: &Options) -> Result<Self> {
+        // Check the interfaces first: it is the likeliest mistake.
+        let mut ifindexes = Vec::new();
+        for name in &opts.ifaces {
+            ifindexes.push(netdev::ifindex(name)?);
+        }
+        ensure_bpffs(&opts.pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|n| (*n, pin_path(&opts.pin_dir, n)))
+            .collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_entries);
+        let mut ebpf = loader
+            .load(crate::EBPF_OBJECT)
+            .map_err(explain_load_error)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.config
+            .set(0, opts.config, 0)
+            .context("writing the datapath config")?;
+
+        let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
+        xdp.load().context("loading the XDP program (verifier)")?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
+        tc.load().context("loading the tc program (verifier)")?;
+
+        let mut dp = Datapath {
+            ebpf,
+            maps,
+            pin_dir: opts.pin_dir.clone(),
+            external: Vec::new(),
+            pod_devices: BTreeMap::new(),
+        };
+        for (name, ifindex) in opts.ifaces.iter().zip(ifindexes) {
+            dp.attach_external(name, ifindex, opts)?;
+        }
+        Ok(dp)
+    }
+
+    fn attach_external(&mut self, name: &str, ifindex: u32, opts: &Options) -> Result<()> {
+        let addrs = netdev::ipv4_addresses(name)?;
+        let snat_addr = addrs.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if addrs.is_empty() {
+            warn!("{name} has no IPv4 address: remote backends cannot be source-NATed from it");
+        }
+        let kind = netdev::kind(name);
+        // Entries first, so the programs see a configured device from their first packet.
+        let mut info = IfaceInfo {
+            snat_addr_be: u32::from_ne_bytes(snat_addr.octets()),
+            flags: IFACE_F_EXTERNAL,
+        };
+        self.maps
+            .ifaces
+            .insert(ifindex, info, 0)
+            .context("writing IFACES")?;
+
+        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
+        let (link, mode) = match opts.xdp_mode {
+            XdpModeArg::Native => (
+                attach_xdp(xdp, ifindex, name, XdpMode::Driver)?,
+                Attached::Native,
+            ),
+            XdpModeArg::Generic => (
+                attach_xdp(xdp, ifindex, name, XdpMode::Skb)?,
+                Attached::Generic,
+            ),
+            XdpModeArg::Auto => match attach_xdp(xdp, ifindex, name, XdpMode::Driver) {
+                Ok(link) => (link, Attached::Native),
+                Err(e) => {
+                    warn!("{name}: native XDP refused ({e:#}); using generic XDP");
+                    (
+                        attach_xdp(xdp, ifindex, name, XdpMode::Skb)?,
+                        Attached::Generic,
+                    )
+                }
+            },
+        };
+        let xdp_tx = match opts.xdp_tx {
+            XdpTxArg::On => true,
+            XdpTxArg::Off => false,
+            XdpTxArg::Auto => !(mode == Attached::Native && kind == DeviceKind::Veth),
+        };
+        if xdp_tx {
+            info.flags |= IFACE_F_XDP_TX;
+            self.maps
+                .ifaces
+                .insert(ifindex, info, 0)
+                .context("writing IFACES")?;
+        }
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
+        let tc_link = tc
+            .attach(name, TcAttachType::Ingress)
+            .with_context(|| format!("attaching tc ingress to {name}"))?;
+        info!(
+            "{name}: XDP attached ({}), XDP transmit {}, tc ingress attached, source-NAT address {snat_addr}",
+            match mode {
+                Attached::Native => "native",
+                Attached::Generic => "generic",
+            },
+            if xdp_tx { "on" } else { "off (tc forwards)" },
+        );
+        self.external.push(External {
+            name: name.to_string(),
+            ifindex,
+            _xdp: link,
+            mode,
+            _tc: tc_link,
+        });
+        Ok(())
+    }
+
+    /// The external interfaces and the XDP mode each got.
+    pub fn external_interfaces(&self) -> Vec<(String, Attached)> {
+        self.external
+            .iter()
+            .map(|e| (e.name.clone(), e.mode))
+            .collect()
+    }
+
+    /// IPv4 addresses of the external interfaces (nodePort candidates).
+    pub fn external_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+        let mut out = Vec::new();
+        for e in &self.external {
+            out.extend(netdev::ipv4_addresses(&e.name)?);
+        }
+        Ok(out)
+    }
+
+    /// Attaches tc ingress to the devices that lead to `local_pods` (replies
+    /// from local pods enter the node there) and detaches it from devices no
+    /// longer needed. Returns the attached device names.
+    pub fn sync_pod_devices(&mut self, local_pods: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>> {
+        let routes = netdev::routes()?;
+        let external: BTreeSet<u32> = self.external.iter().map(|e| e.ifindex).collect();
+        let mut wanted: BTreeMap<u32, (String, DeviceKind)> = BTreeMap::new();
+        for pod in local_pods {
+            let Some(dev) = netdev::route_device(&routes, *pod) else {
+                warn!("no route to local pod {pod}: its replies cannot be translated");
+                continue;
+            };
+            let kind = netdev::kind(dev);
+            let devices = if kind == DeviceKind::Bridge {
+                // Catch replies on the bridge ports, before the bridge (and
+                // any br_netfilter hooks) see them.
+                netdev::bridge_ports(dev)
+                    .into_iter()
+                    .map(|p| {
+                        let k = netdev::kind(&p);
+                        (p, k)
+                    })
+                    .collect()
+            } else {
+                vec![(dev.to_string(), kind)]
+            };
+            for (name, kind) in devices {
+                match netdev::ifindex(&name) {
+                    Ok(ifindex) if !external.contains(&ifindex) => {
+                        wanted.insert(ifindex, (name, kind));
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
+        let gone: Vec<u32> = self
+            .pod_devices
+            .keys()
+            .filter(|i| !wanted.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            if let Some((name, link)) = self.pod_devices.remove(&ifindex) {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
+                // The device may already be gone with its pod; the link with it.
+                if let Err(e) = tc.detach(link) {
+                    log::debug!("detaching tc from {name}: {e}");
+                }
+                let _ = self.maps.ifaces.remove(&ifindex);
+                info!("{name}: tc ingress detached (no local backend behind it)");
+            }
+        }
+        for (ifindex, (name, kind)) in wanted {
+            if self.pod_devices.contains_key(&ifindex) {
+                continue;
+            }
+            let info = IfaceInfo {
+                snat_addr_be: 0,
+                flags: if kind == DeviceKind::Veth {
+                    IFACE_F_VETH_PEER
+                } else {
+                    0
+                },
+            };
+            self.maps
+                .ifaces
+                .insert(ifindex, info, 0)
+                .context("writing IFACES")?;
+            let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
+            match tc.attach(&name, TcAttachType::Ingress) {
+                Ok(link) => {
+                    info!("{name}: tc ingress attached (local pods' replies)");
+                    self.pod_devices.insert(ifindex, (name, link));
+                }
+                Err(e) => {
+                    let _ = self.maps.ifaces.remove(&ifindex);
+                    warn!("{name}: attaching tc ingress failed: {e:#}");
+                }
+            }
+        }
+        Ok(self.pod_devices.values().map(|(n, _)| n.clone()).collect())
+    }
+
+    /// Deletes conntrack entries idle past their timeout (both directions),
+    /// freeing their source ports. Returns how many entries were removed.
+    pub fn sweep_conntrack(&mut self, config: &Config) -> Result<usize> {
+        let now = monotonic_ns()?;
+        let mut entries: BTreeMap<CtKey, CtEntry> = BTreeMap::new();
+        for item in self.maps.conntrack.iter() {
+            match item {
+                Ok((k, v)) => {
+                    entries.insert(k, v);
+                }
+                // Entries can vanish (LRU) while we walk.
+                Err(e) => log::debug!("conntrack walk: {e}"),
+            }
+        }
+        let expired = expired_flows(&entries, config, now);
+        for k in &expired {
+            let _ = self.maps.conntrack.remove(k);
+        }
+        Ok(expired.len())
+    }
+
+    pub fn conntrack_entries(&self) -> usize {
+        self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Detaches every program and removes the pins: the node is left as it was.
+    pub fn shutdown(self) -> Result<()> {
+        let Datapath {
+            ebpf,
+            maps,
+            pin_dir,
+            external,
+            pod_devices,
+        } = self;
+        drop(external);
+        drop(pod_devices);
+        drop(maps);
+        // Dropping the object detaches every link it still owns.
+        drop(ebpf);
+        for name in map_names::ALL {
+            let path = pin_path(&pin_dir, name);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!("removing pin {}: {e}", path.display());
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir(&pin_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("removing {}: {e}", pin_dir.display());
+            }
+        }
+        info!(
+            "detached from every device and removed the pins in {}",
+            pin_dir.display()
+        );
+        Ok(())
+    }
+}
+
+fn attach_xdp(xdp: &mut Xdp, ifindex: u32, name: &str, mode: XdpMode) -> Result<XdpLinkId> {
+    xdp.attach_to_if_index(ifindex, mode).map_err(|e| match &e {
+        ProgramError::SyscallError(s)
+            if s.io_error.raw_os_error() == Some(libc::EBUSY)
+                || s.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            anyhow!("{name}: another XDP program is already attached; refusing to replace it")
+        }
+        _ => anyhow!(e).context(format!("attaching XDP ({mode:?} mode) to {name}")),
+    })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    p.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC, coarse).
+pub fn monotonic_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("clock_gettime")?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// Keys of flows idle past their timeout: both entries of a flow go together,
+/// judged by the more recent of the two.
+pub fn expired_flows(entries: &BTreeMap<CtKey, CtEntry>, config: &Config, now: u64) -> Vec<CtKey> {
+    let mut out = Vec::new();
+    for (k, e) in entries {
+        let peer = entries.get(&e.peer_key(k.proto));
+        let last = peer.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+        let timeout = config.timeout_ns(k.proto, e.state);
+        if now.saturating_sub(last) > timeout {
+            out.push(*k);
+        }
+    }
+    out
+}
+
+/// Validates a source-NAT port range against the node's other port owners.
+pub fn check_snat_range(min: u16, max: u16, local_range: Option<(u16, u16)>) -> Result<()> {
+    if min == 0 || min > max {
+        bail!("source-NAT port range {min}-{max} is empty");
+    }
+    // NodePorts: kube-apiserver's default --service-node-port-range.
+    if min <= 32767 && max >= 30000 {
+        bail!("source-NAT port range {min}-{max} overlaps the NodePort range 30000-32767");
+    }
+    if let Some((lo, hi)) = local_range {
+        if min <= hi && max >= lo {
+            bail!(
+                "source-NAT port range {min}-{max} overlaps net.ipv4.ip_local_port_range {lo}-{hi} (the node's own connections and kube-proxy's MASQUERADE use it); pick another with --snat-port-range"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// net.ipv4.ip_local_port_range of this network namespace.
+pub fn local_port_range() -> Option<(u16, u16)> {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().filter_map(|s| s.parse().ok());
+    Some((it.next()?, it.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use forwarder_common::{
+        CT_F_REPLY, CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP, IPPROTO_UDP,
+    };
+
+    use super::*;
+
+    fn pair(last_fwd: u64, last_rev: u64, proto: u8, state: u8) -> BTreeMap<CtKey, CtEntry> {
+        let fwd_key = CtKey::new(1, 100, 2, 200, proto);
+        let fwd = CtEntry {
+            new_saddr_be: 3,
+            new_sport_be: 300,
+            new_daddr_be: 4,
+            new_dport_be: 400,
+            last_seen_ns: last_fwd,
+            state,
+            ..Default::default()
+        };
+        let rev_key = fwd.peer_key(proto);
+        let rev = CtEntry {
+            new_saddr_be: 2,
+            new_sport_be: 200,
+            new_daddr_be: 1,
+            new_dport_be: 100,
+            last_seen_ns: last_rev,
+            state,
+            flags: CT_F_REPLY,
+            ..Default::default()
+        };
+        assert_eq!(rev.peer_key(proto), fwd_key);
+        BTreeMap::from([(fwd_key, fwd), (rev_key, rev)])
+    }
+
+    #[test]
+    fn idle_udp_flows_expire_as_a_pair() {
+        let c = Config::default();
+        let s = 1_000_000_000u64;
+        let t = pair(0, 0, IPPROTO_UDP, CT_STATE_NEW);
+        assert!(expired_flows(&t, &c, 29 * s).is_empty());
+        assert_eq!(expired_flows(&t, &c, 31 * s).len(), 2);
+    }
+
+    #[test]
+    fn one_busy_direction_keeps_both_entries() {
+        let c = Config::default();
+        let s = 1_000_000_000u64;
+        let t = pair(0, 100 * s, IPPROTO_UDP, CT_STATE_ESTABLISHED);
+        assert!(expired_flows(&t, &c, 200 * s).is_empty());
+        assert_eq!(expired_flows(&t, &c, 221 * s).len(), 2);
+    }
+
+    #[test]
+    fn established_tcp_lives_a_day() {
+        let c = Config::default();
+        let s = 1_000_000_000u64;
+        let t = pair(0, 0, IPPROTO_TCP, CT_STATE_ESTABLISHED);
+        assert!(expired_flows(&t, &c, 86_000 * s).is_empty());
+        assert_eq!(expired_flows(&t, &c, 86_401 * s).len(), 2);
+    }
+
+    #[test]
+    fn snat_ranges_that_collide_are_refused() {
+        assert!(check_snat_range(61000, 65535, Some((32768, 60999))).is_ok());
+        assert!(check_snat_range(60000, 65535, Some((32768, 60999))).is_err());
+        assert!(check_snat_range(31000, 31999, None).is_err());
+        assert!(check_snat_range(5, 4, None).is_err());
+        assert!(check_snat_range(61000, 65535, Some((1024, 65535))).is_err());
+    }
+}

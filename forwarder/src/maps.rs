@@ -1,0 +1,167 @@
+//! Typed handles on the datapath's maps, opened from a loaded object or from
+//! their pins (so `forwarder stats` works with or without a daemon).
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use forwarder_common::{
+    map_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey,
+    IfaceInfo, Reason, ServiceLabel,
+};
+
+use crate::plan::{Op, Snapshot};
+
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub backends: HashMap<MapData, BackendKey, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub ifaces: HashMap<MapData, u32, IfaceInfo>,
+    pub config: Array<MapData, Config>,
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    pub reason_stats: PerCpuArray<MapData, u64>,
+    pub service_labels: HashMap<MapData, u32, ServiceLabel>,
+}
+
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T> {
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Ok(Maps {
+            frontends: typed(take(map_names::FRONTENDS)?, map_names::FRONTENDS)?,
+            backends: typed(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
+            conntrack: typed(take(map_names::CONNTRACK)?, map_names::CONNTRACK)?,
+            ifaces: typed(take(map_names::IFACES)?, map_names::IFACES)?,
+            config: typed(take(map_names::CONFIG)?, map_names::CONFIG)?,
+            service_stats: typed(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            reason_stats: typed(take(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
+            service_labels: typed(take(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
+        })
+    }
+
+    /// Opens the maps a daemon pinned under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pin_path(pin_dir, name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is a forwarder running with --pin-dir {}?)",
+                    path.display(),
+                    pin_dir.display()
+                )
+            })?;
+            Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+        };
+        Ok(Maps {
+            frontends: typed(open(map_names::FRONTENDS)?, map_names::FRONTENDS)?,
+            backends: typed(open(map_names::BACKENDS)?, map_names::BACKENDS)?,
+            conntrack: typed(open(map_names::CONNTRACK)?, map_names::CONNTRACK)?,
+            ifaces: typed(open(map_names::IFACES)?, map_names::IFACES)?,
+            config: typed(open(map_names::CONFIG)?, map_names::CONFIG)?,
+            service_stats: typed(open(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            reason_stats: typed(open(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
+            service_labels: typed(open(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
+        })
+    }
+
+    /// What the service maps hold now.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut s = Snapshot::default();
+        for item in self.frontends.iter() {
+            let (k, v) = item.context("reading FRONTENDS")?;
+            s.frontends.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.context("reading BACKENDS")?;
+            s.backends.insert(k, v);
+        }
+        for item in self.service_labels.iter() {
+            let (k, v) = item.context("reading SERVICE_LABELS")?;
+            s.labels.insert(k, v.as_str().to_string());
+        }
+        Ok(s)
+    }
+
+    /// Writes `ops` in order; stops at the first failure (the order keeps
+    /// whatever was written consistent for packets).
+    pub fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        let ncpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("{path}: {e}"))?;
+        for op in ops {
+            match op {
+                Op::ClaimSlot(slot, label) => {
+                    let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpus])
+                        .context("per-CPU zero counters")?;
+                    self.service_stats
+                        .set(*slot, zeros, 0)
+                        .with_context(|| format!("resetting counters slot {slot}"))?;
+                    self.service_labels
+                        .insert(slot, ServiceLabel::new(label), 0)
+                        .with_context(|| format!("naming counters slot {slot}"))?;
+                }
+                Op::PutBackend(k, v) => self.backends.insert(k, v, 0).with_context(|| {
+                    format!("writing backend {k:?} (is the BACKENDS map full?)")
+                })?,
+                Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0).with_context(|| {
+                    format!("writing frontend {k:?} (is the FRONTENDS map full?)")
+                })?,
+                Op::DeleteFrontend(k) => ignore_missing(self.frontends.remove(k))
+                    .with_context(|| format!("deleting frontend {k:?}"))?,
+                Op::DeleteBackend(k) => ignore_missing(self.backends.remove(k))
+                    .with_context(|| format!("deleting backend {k:?}"))?,
+                Op::ReleaseSlot(slot) => ignore_missing(self.service_labels.remove(slot))
+                    .with_context(|| format!("releasing counters slot {slot}"))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reason counters summed over CPUs.
+    pub fn reason_totals(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for r in Reason::ALL {
+            let values = self
+                .reason_stats
+                .get(&(*r as u32), 0)
+                .with_context(|| format!("reading counter {}", r.name()))?;
+            out.insert(r.name(), values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Packets and bytes of a counters slot, summed over CPUs.
+    pub fn service_totals(&self, slot: u32) -> Result<Counters> {
+        let values = self
+            .service_stats
+            .get(&slot, 0)
+            .with_context(|| format!("reading service counters slot {slot}"))?;
+        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+pub fn pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(name)
+}

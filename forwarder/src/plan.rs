@@ -1,0 +1,470 @@
+//! From the desired state and what the maps hold now to the ordered list of
+//! map writes that gets there. Pure: no kernel, tested on the host.
+//!
+//! Ordering is what keeps every packet consistent: a backend set is written
+//! in full before any frontend points at it, a frontend is switched in one
+//! write, and old sets are deleted only after nothing points at them.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use forwarder_common::{
+    Backend, BackendKey, Frontend, FrontendKey, BACKEND_F_LOCAL, FRONTEND_F_DROP_IF_EMPTY,
+    FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MAX_STATS_SLOTS,
+};
+use thiserror::Error;
+
+use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr};
+
+/// What the maps hold (read back from the kernel, or assumed empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub backends: BTreeMap<BackendKey, Backend>,
+    /// Counter slot -> service port label.
+    pub labels: BTreeMap<u32, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A newly used counter slot: zero it, then name it.
+    ClaimSlot(u32, String),
+    PutBackend(BackendKey, Backend),
+    PutFrontend(FrontendKey, Frontend),
+    DeleteFrontend(FrontendKey),
+    DeleteBackend(BackendKey),
+    ReleaseSlot(u32),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("{0} frontends wanted, the frontends map holds {MAX_FRONTENDS}")]
+    TooManyFrontends(usize),
+    #[error("{0} backend entries wanted, the backends map holds {MAX_BACKENDS}")]
+    TooManyBackends(usize),
+    #[error("{frontend} has {count} backends, at most {MAX_BACKENDS_PER_FRONTEND} are supported")]
+    TooManyBackendsForFrontend {
+        frontend: FrontendAddr,
+        count: usize,
+    },
+    #[error("more than {} distinct service ports", MAX_STATS_SLOTS - 1)]
+    OutOfStatsSlots,
+}
+
+/// The map key for a frontend (network byte order in the map).
+pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
+    FrontendKey {
+        addr_be: u32::from_ne_bytes(f.addr.octets()),
+        port_be: f.port.to_be(),
+        proto: f.proto.number(),
+        _pad: 0,
+    }
+}
+
+/// The map value for a backend.
+pub fn backend_value(b: &DesiredBackend) -> Backend {
+    Backend {
+        addr_be: u32::from_ne_bytes(b.addr.octets()),
+        port_be: b.port.to_be(),
+        flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+    }
+}
+
+fn frontend_flags(f: &DesiredFrontend) -> u32 {
+    let mut flags = 0;
+    if f.no_snat {
+        flags |= FRONTEND_F_NO_SNAT;
+    }
+    if f.drop_if_empty {
+        flags |= FRONTEND_F_DROP_IF_EMPTY;
+    }
+    flags
+}
+
+/// The content of each backend set currently referenced by a frontend, for
+/// sets that are complete (every index below the count present).
+fn current_sets(current: &Snapshot) -> HashMap<u32, Vec<Backend>> {
+    let mut sets = HashMap::new();
+    for fe in current.frontends.values() {
+        if fe.backend_count == 0 || sets.contains_key(&fe.backend_set) {
+            continue;
+        }
+        let content: Option<Vec<Backend>> = (0..fe.backend_count)
+            .map(|index| {
+                current
+                    .backends
+                    .get(&BackendKey {
+                        backend_set: fe.backend_set,
+                        index,
+                    })
+                    .copied()
+            })
+            .collect();
+        if let Some(content) = content {
+            sets.insert(fe.backend_set, content);
+        }
+    }
+    sets
+}
+
+pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError> {
+    if desired.frontends.len() > MAX_FRONTENDS as usize {
+        return Err(PlanError::TooManyFrontends(desired.frontends.len()));
+    }
+    let mut ops = Vec::new();
+
+    // Counter slots: one per service port label, kept across plans.
+    let mut slot_of: BTreeMap<&str, u32> = current
+        .labels
+        .iter()
+        .map(|(slot, label)| (label.as_str(), *slot))
+        .collect();
+    let wanted_labels: BTreeMap<String, ()> = desired
+        .frontends
+        .values()
+        .map(|f| (f.label(), ()))
+        .collect();
+    let mut free_slots = (1..MAX_STATS_SLOTS).filter(|s| !current.labels.contains_key(s));
+    for label in wanted_labels.keys() {
+        if !slot_of.contains_key(label.as_str()) {
+            let slot = free_slots.next().ok_or(PlanError::OutOfStatsSlots)?;
+            ops.push(Op::ClaimSlot(slot, label.clone()));
+            slot_of.insert(label.as_str(), slot);
+        }
+    }
+
+    // Backend sets: identical lists share one set (every node address of a
+    // service port points at the same backends).
+    let existing = current_sets(current);
+    let mut set_by_content: HashMap<Vec<Backend>, u32> =
+        existing.iter().map(|(id, c)| (c.clone(), *id)).collect();
+    let mut next_set = current
+        .backends
+        .keys()
+        .map(|k| k.backend_set)
+        .chain(current.frontends.values().map(|f| f.backend_set))
+        .max()
+        .unwrap_or(0)
+        .wrapping_add(1)
+        .max(1);
+    let mut referenced: BTreeSet<u32> = BTreeSet::new();
+    let mut backend_ops = Vec::new();
+    let mut frontend_ops = Vec::new();
+    for (addr, f) in &desired.frontends {
+        if f.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
+            return Err(PlanError::TooManyBackendsForFrontend {
+                frontend: *addr,
+                count: f.backends.len(),
+            });
+        }
+        let content: Vec<Backend> = f.backends.iter().map(backend_value).collect();
+        let backend_set = if content.is_empty() {
+            0
+        } else if let Some(id) = set_by_content.get(&content) {
+            *id
+        } else {
+            let id = next_set;
+            next_set = next_set.wrapping_add(1).max(1);
+            for (index, be) in content.iter().enumerate() {
+                backend_ops.push(Op::PutBackend(
+                    BackendKey {
+                        backend_set: id,
+                        index: index as u32,
+                    },
+                    *be,
+                ));
+            }
+            set_by_content.insert(content.clone(), id);
+            id
+        };
+        if backend_set != 0 {
+            referenced.insert(backend_set);
+        }
+        let value = Frontend {
+            backend_set,
+            backend_count: content.len() as u32,
+            stats_slot: slot_of[f.label().as_str()],
+            flags: frontend_flags(f),
+        };
+        let key = frontend_key(addr);
+        if current.frontends.get(&key) != Some(&value) {
+            frontend_ops.push(Op::PutFrontend(key, value));
+        }
+    }
+
+    // New sets are written before old ones are deleted: the map must hold both.
+    let peak_entries = current.backends.len() + backend_ops.len();
+    if peak_entries > MAX_BACKENDS as usize {
+        return Err(PlanError::TooManyBackends(peak_entries));
+    }
+
+    ops.extend(backend_ops);
+    ops.extend(frontend_ops);
+    let wanted_keys: BTreeSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
+    for key in current.frontends.keys() {
+        if !wanted_keys.contains(key) {
+            ops.push(Op::DeleteFrontend(*key));
+        }
+    }
+    // Anything not referenced now goes, including orphans of an interrupted run.
+    for key in current.backends.keys() {
+        if !referenced.contains(&key.backend_set) {
+            ops.push(Op::DeleteBackend(*key));
+        }
+    }
+    for (slot, label) in &current.labels {
+        if !wanted_labels.contains_key(label) {
+            ops.push(Op::ReleaseSlot(*slot));
+        }
+    }
+    Ok(ops)
+}
+
+/// The snapshot `ops` lead to from `current` (what the maps hold afterwards).
+pub fn apply_to_snapshot(current: &Snapshot, ops: &[Op]) -> Snapshot {
+    let mut s = current.clone();
+    for op in ops {
+        match op {
+            Op::ClaimSlot(slot, label) => {
+                s.labels.insert(*slot, label.clone());
+            }
+            Op::PutBackend(k, v) => {
+                s.backends.insert(*k, *v);
+            }
+            Op::PutFrontend(k, v) => {
+                s.frontends.insert(*k, *v);
+            }
+            Op::DeleteFrontend(k) => {
+                s.frontends.remove(k);
+            }
+            Op::DeleteBackend(k) => {
+                s.backends.remove(k);
+            }
+            Op::ReleaseSlot(slot) => {
+                s.labels.remove(slot);
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::Protocol;
+
+    fn fa(addr: [u8; 4], port: u16) -> FrontendAddr {
+        FrontendAddr {
+            addr: Ipv4Addr::from(addr),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn be(last: u8, local: bool) -> DesiredBackend {
+        DesiredBackend {
+            addr: Ipv4Addr::new(10, 244, 1, last),
+            port: 80,
+            local,
+        }
+    }
+
+    fn fe(service: &str, backends: Vec<DesiredBackend>) -> DesiredFrontend {
+        DesiredFrontend {
+            service: service.into(),
+            port_name: "http2".into(),
+            backends,
+            no_snat: false,
+            drop_if_empty: false,
+        }
+    }
+
+    fn desired(entries: Vec<(FrontendAddr, DesiredFrontend)>) -> Desired {
+        Desired {
+            frontends: entries.into_iter().collect(),
+        }
+    }
+
+    /// The backends a frontend resolves to in a snapshot, as the datapath sees them.
+    fn resolve(s: &Snapshot, addr: &FrontendAddr) -> Option<Vec<Backend>> {
+        let f = s.frontends.get(&frontend_key(addr))?;
+        (0..f.backend_count)
+            .map(|index| {
+                s.backends
+                    .get(&BackendKey {
+                        backend_set: f.backend_set,
+                        index,
+                    })
+                    .copied()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_plan_writes_backends_before_the_frontend_that_uses_them() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(a, fe("ns/gw", vec![be(10, true), be(11, false)]))]);
+        let ops = plan(&d, &Snapshot::default()).unwrap();
+        let put_fe = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutFrontend(..)))
+            .unwrap();
+        let last_be = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::PutBackend(..)))
+            .unwrap();
+        assert!(last_be < put_fe);
+        let s = apply_to_snapshot(&Snapshot::default(), &ops);
+        let backends = resolve(&s, &a).unwrap();
+        assert_eq!(
+            backends,
+            vec![backend_value(&be(10, true)), backend_value(&be(11, false))]
+        );
+        assert_eq!(backends[0].flags, BACKEND_F_LOCAL);
+        assert_eq!(s.labels.values().collect::<Vec<_>>(), vec!["ns/gw:http2"]);
+    }
+
+    #[test]
+    fn node_addresses_of_one_port_share_a_backend_set_and_a_counter_slot() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let b = fa([198, 51, 100, 1], 31380);
+        let d = desired(vec![
+            (a, fe("ns/gw", vec![be(10, true)])),
+            (b, fe("ns/gw", vec![be(10, true)])),
+        ]);
+        let s = apply_to_snapshot(
+            &Snapshot::default(),
+            &plan(&d, &Snapshot::default()).unwrap(),
+        );
+        assert_eq!(s.backends.len(), 1);
+        assert_eq!(
+            s.frontends[&frontend_key(&a)],
+            s.frontends[&frontend_key(&b)]
+        );
+    }
+
+    #[test]
+    fn replanning_the_same_state_is_a_no_op() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(a, fe("ns/gw", vec![be(10, true), be(11, false)]))]);
+        let s = apply_to_snapshot(
+            &Snapshot::default(),
+            &plan(&d, &Snapshot::default()).unwrap(),
+        );
+        assert_eq!(plan(&d, &s).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_changed_backend_list_is_switched_in_one_frontend_write() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let d1 = desired(vec![(a, fe("ns/gw", vec![be(10, true), be(11, false)]))]);
+        let s1 = apply_to_snapshot(
+            &Snapshot::default(),
+            &plan(&d1, &Snapshot::default()).unwrap(),
+        );
+        let d2 = desired(vec![(a, fe("ns/gw", vec![be(11, false)]))]);
+        let ops = plan(&d2, &s1).unwrap();
+        // No write touches the set the frontend still points at until it is switched.
+        let old_set = s1.frontends[&frontend_key(&a)].backend_set;
+        let switch = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutFrontend(..)))
+            .unwrap();
+        for op in &ops[..switch] {
+            if let Op::PutBackend(k, _) | Op::DeleteBackend(k) = op {
+                assert_ne!(k.backend_set, old_set, "{op:?} before the switch");
+            }
+        }
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::PutFrontend(..)))
+                .count(),
+            1
+        );
+        let s2 = apply_to_snapshot(&s1, &ops);
+        assert_eq!(
+            resolve(&s2, &a).unwrap(),
+            vec![backend_value(&be(11, false))]
+        );
+        assert_eq!(s2.backends.len(), 1, "old set deleted: {:?}", s2.backends);
+        assert_eq!(s2.labels.len(), 1, "slot kept");
+    }
+
+    #[test]
+    fn removed_services_leave_nothing_behind() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(a, fe("ns/gw", vec![be(10, true)]))]);
+        let s = apply_to_snapshot(
+            &Snapshot::default(),
+            &plan(&d, &Snapshot::default()).unwrap(),
+        );
+        let empty = apply_to_snapshot(&s, &plan(&Desired::default(), &s).unwrap());
+        assert_eq!(empty, Snapshot::default());
+    }
+
+    #[test]
+    fn orphaned_backends_from_an_interrupted_run_are_removed() {
+        let mut s = Snapshot::default();
+        s.backends.insert(
+            BackendKey {
+                backend_set: 7,
+                index: 0,
+            },
+            backend_value(&be(9, false)),
+        );
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(a, fe("ns/gw", vec![be(10, true)]))]);
+        let after = apply_to_snapshot(&s, &plan(&d, &s).unwrap());
+        assert_eq!(
+            resolve(&after, &a).unwrap(),
+            vec![backend_value(&be(10, true))]
+        );
+        assert_eq!(after.backends.len(), 1);
+        assert_ne!(
+            after.frontends[&frontend_key(&a)].backend_set,
+            7,
+            "new ids avoid old ones"
+        );
+    }
+
+    #[test]
+    fn local_policy_frontends_may_be_empty_and_carry_their_flags() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let mut f = fe("ns/gw", vec![]);
+        f.no_snat = true;
+        f.drop_if_empty = true;
+        let s = apply_to_snapshot(
+            &Snapshot::default(),
+            &plan(&desired(vec![(a, f)]), &Snapshot::default()).unwrap(),
+        );
+        let v = s.frontends[&frontend_key(&a)];
+        assert_eq!(v.backend_count, 0);
+        assert_eq!(v.flags, FRONTEND_F_NO_SNAT | FRONTEND_F_DROP_IF_EMPTY);
+    }
+
+    #[test]
+    fn keys_are_in_network_byte_order() {
+        let k = frontend_key(&fa([192, 0, 2, 1], 31380));
+        assert_eq!(k.addr_be.to_ne_bytes(), [192, 0, 2, 1]);
+        assert_eq!(k.port_be.to_ne_bytes(), 31380u16.to_be_bytes());
+        assert_eq!(k.proto, 6);
+    }
+
+    #[test]
+    fn too_many_backends_for_one_frontend_is_an_error_not_a_truncation() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let many: Vec<DesiredBackend> = (0..=MAX_BACKENDS_PER_FRONTEND)
+            .map(|i| DesiredBackend {
+                addr: Ipv4Addr::from(0x0a00_0000 + i),
+                port: 80,
+                local: false,
+            })
+            .collect();
+        let err = plan(
+            &desired(vec![(a, fe("ns/big", many))]),
+            &Snapshot::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, PlanError::TooManyBackendsForFrontend { .. }));
+    }
+}
