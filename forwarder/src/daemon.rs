@@ -161,6 +161,11 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<boo
         for (addr, f) in &t.desired.frontends {
             log::debug!("{addr} -> {} {:?}", f.label(), f.backends);
         }
+        match dp.purge_stale_flows(&t.desired) {
+            Ok(0) => {}
+            Ok(n) => info!("conntrack: removed {n} entries of flows whose backend is gone"),
+            Err(e) => warn!("conntrack purge: {e:#}"),
+        }
         state.desired = t.desired;
         state.fingerprint = Some(fingerprint);
         state.addresses = addresses;

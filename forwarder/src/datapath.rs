@@ -16,13 +16,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use forwarder_common::{
-    map_names, program_names, Config, CtEntry, CtKey, IfaceInfo, IFACE_F_EXTERNAL,
+    map_names, program_names, Config, CtEntry, CtKey, IfaceInfo, CT_F_REPLY, IFACE_F_EXTERNAL,
     IFACE_F_VETH_PEER, IFACE_F_XDP_TX,
 };
 use log::{info, warn};
 
 use crate::{
     maps::{pin_path, Maps},
+    model::{Desired, FrontendAddr, Protocol},
     netdev::{self, DeviceKind},
 };
 
@@ -344,7 +345,27 @@ impl Datapath {
     /// freeing their source ports. Returns how many entries were removed.
     pub fn sweep_conntrack(&mut self, config: &Config) -> Result<usize> {
         let now = monotonic_ns()?;
-        let mut entries: BTreeMap<CtKey, CtEntry> = BTreeMap::new();
+        let entries = self.conntrack_snapshot();
+        let expired = expired_flows(&entries, config, now);
+        for k in &expired {
+            let _ = self.maps.conntrack.remove(k);
+        }
+        Ok(expired.len())
+    }
+
+    /// Deletes flows whose backend left their frontend's backend list, so
+    /// their next packet picks a live backend instead of a vanished pod.
+    pub fn purge_stale_flows(&mut self, desired: &Desired) -> Result<usize> {
+        let entries = self.conntrack_snapshot();
+        let stale = stale_flows(&entries, desired);
+        for k in &stale {
+            let _ = self.maps.conntrack.remove(k);
+        }
+        Ok(stale.len())
+    }
+
+    fn conntrack_snapshot(&self) -> BTreeMap<CtKey, CtEntry> {
+        let mut entries = BTreeMap::new();
         for item in self.maps.conntrack.iter() {
             match item {
                 Ok((k, v)) => {
@@ -354,11 +375,7 @@ impl Datapath {
                 Err(e) => log::debug!("conntrack walk: {e}"),
             }
         }
-        let expired = expired_flows(&entries, config, now);
-        for k in &expired {
-            let _ = self.maps.conntrack.remove(k);
-        }
-        Ok(expired.len())
+        entries
     }
 
     pub fn conntrack_entries(&self) -> usize {
@@ -440,6 +457,38 @@ pub fn expired_flows(entries: &BTreeMap<CtKey, CtEntry>, config: &Config, now: u
         let timeout = config.timeout_ns(k.proto, e.state);
         if now.saturating_sub(last) > timeout {
             out.push(*k);
+        }
+    }
+    out
+}
+
+/// Keys (both directions) of flows whose backend is no longer a backend of
+/// the frontend the client addressed.
+pub fn stale_flows(entries: &BTreeMap<CtKey, CtEntry>, desired: &Desired) -> Vec<CtKey> {
+    let mut out = Vec::new();
+    for (k, e) in entries {
+        if e.flags & CT_F_REPLY != 0 {
+            continue;
+        }
+        let Some(proto) = Protocol::from_number(k.proto) else {
+            continue;
+        };
+        let frontend = FrontendAddr {
+            addr: Ipv4Addr::from(k.daddr_be.to_ne_bytes()),
+            port: u16::from_be(k.dport_be),
+            proto,
+        };
+        let backend = (
+            Ipv4Addr::from(e.new_daddr_be.to_ne_bytes()),
+            u16::from_be(e.new_dport_be),
+        );
+        let alive = desired
+            .frontends
+            .get(&frontend)
+            .is_some_and(|f| f.backends.iter().any(|b| (b.addr, b.port) == backend));
+        if !alive {
+            out.push(*k);
+            out.push(e.peer_key(k.proto));
         }
     }
     out
@@ -530,6 +579,49 @@ mod tests {
         let t = pair(0, 0, IPPROTO_TCP, CT_STATE_ESTABLISHED);
         assert!(expired_flows(&t, &c, 86_000 * s).is_empty());
         assert_eq!(expired_flows(&t, &c, 86_401 * s).len(), 2);
+    }
+
+    #[test]
+    fn flows_to_a_removed_backend_are_stale_the_others_kept() {
+        use crate::model::{DesiredBackend, DesiredFrontend};
+        let client = CtKey::new(
+            u32::from_ne_bytes([192, 0, 2, 100]),
+            40000u16.to_be(),
+            u32::from_ne_bytes([192, 0, 2, 1]),
+            31380u16.to_be(),
+            IPPROTO_TCP,
+        );
+        let to = |last: u8| CtEntry {
+            new_saddr_be: client.saddr_be,
+            new_sport_be: client.sport_be,
+            new_daddr_be: u32::from_ne_bytes([10, 244, 1, last]),
+            new_dport_be: 80u16.to_be(),
+            ..Default::default()
+        };
+        let entries = BTreeMap::from([(client, to(10))]);
+        let mut desired = Desired::default();
+        let f = FrontendAddr {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            port: 31380,
+            proto: Protocol::Tcp,
+        };
+        let fe = |last: u8| DesiredFrontend {
+            service: "ns/s".into(),
+            port_name: String::new(),
+            backends: vec![DesiredBackend {
+                addr: Ipv4Addr::new(10, 244, 1, last),
+                port: 80,
+                local: true,
+            }],
+            no_snat: false,
+            drop_if_empty: false,
+        };
+        desired.frontends.insert(f, fe(10));
+        assert!(stale_flows(&entries, &desired).is_empty());
+        desired.frontends.insert(f, fe(11));
+        let stale = stale_flows(&entries, &desired);
+        assert_eq!(stale, vec![client, to(10).peer_key(IPPROTO_TCP)]);
+        assert_eq!(stale_flows(&entries, &Desired::default()).len(), 2);
     }
 
     #[test]
