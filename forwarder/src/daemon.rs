@@ -1,4 +1,5 @@
-//! `forwarder run`: program the datapath from manifests and keep it in step.
+//! `forwarder run`: program the datapath from a source of Services and
+//! EndpointSlices and keep it in step.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -9,20 +10,31 @@ use std::{
 use anyhow::{Context as _, Result};
 use forwarder_common::Config;
 use log::{error, info, warn};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 
 use crate::{
     datapath::{self, Datapath, Options, XdpModeArg, XdpTxArg},
-    manifest,
     model::{Desired, NodeContext},
     netdev::Ipv4Cidr,
-    plan, translate,
+    plan,
+    source::{self, ObjectSet},
+    translate::{self, ServiceSelection},
 };
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceArg {
+    Manifests(PathBuf),
+}
 
 pub struct RunArgs {
     pub ifaces: Vec<String>,
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceArg,
+    pub services: ServiceSelection,
     pub xdp_mode: XdpModeArg,
     pub xdp_tx: XdpTxArg,
     pub nodeport_addresses: Vec<Ipv4Cidr>,
@@ -31,12 +43,13 @@ pub struct RunArgs {
     pub conntrack_entries: u32,
 }
 
-/// How often manifests, addresses and pod devices are re-checked.
+/// How often addresses and pod devices are re-checked.
 const POLL: Duration = Duration::from_secs(1);
 /// How often idle conntrack entries are swept.
 const SWEEP: Duration = Duration::from_secs(10);
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    datapath::check_privileges()?;
     let mut config = Config::default();
     if let Some((min, max)) = args.snat_port_range {
         config.snat_port_min = min;
@@ -47,8 +60,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config.snat_port_max,
         datapath::local_port_range(),
     )?;
-    if !args.manifests.exists() {
-        anyhow::bail!("--manifests {} does not exist", args.manifests.display());
+    let (tx, rx) = watch::channel(None);
+    match &args.source {
+        SourceArg::Manifests(path) => {
+            if !path.exists() {
+                anyhow::bail!("--manifests {} does not exist", path.display());
+            }
+            tokio::spawn(source::watch_manifests(path.clone(), tx));
+        }
     }
     let opts = Options {
         ifaces: args.ifaces.clone(),
@@ -59,37 +78,50 @@ pub async fn run(args: RunArgs) -> Result<()> {
         conntrack_entries: args.conntrack_entries,
     };
     let mut dp = Datapath::load(&opts)?;
-    let result = serve(&mut dp, &args, &config).await;
+    let result = serve(&mut dp, &args, &config, rx).await;
     let shutdown = dp.shutdown();
     result.and(shutdown)
 }
 
+#[derive(Default)]
 struct State {
-    fingerprint: Option<u64>,
+    generation: Option<u64>,
     addresses: Vec<Ipv4Addr>,
     desired: Desired,
 }
 
-async fn serve(dp: &mut Datapath, args: &RunArgs, config: &Config) -> Result<()> {
+async fn serve(
+    dp: &mut Datapath,
+    args: &RunArgs,
+    config: &Config,
+    mut objects: watch::Receiver<Option<ObjectSet>>,
+) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut state = State {
-        fingerprint: None,
-        addresses: Vec::new(),
-        desired: Desired::default(),
-    };
+    let mut state = State::default();
     let mut ready = false;
     let mut last_sweep = Instant::now();
+    let mut source_alive = true;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            changed = objects.changed(), if source_alive => {
+                if changed.is_err() {
+                    error!("the object source stopped; keeping the last programmed state");
+                    source_alive = false;
+                }
+            }
             _ = tick.tick() => {}
         }
-        match reconcile(dp, args, &mut state) {
-            Ok(true) if !ready => {
+        let latest = objects.borrow_and_update().clone();
+        let Some(set) = latest else {
+            continue; // nothing read yet: program nothing rather than an empty state
+        };
+        match reconcile(dp, args, &mut state, &set) {
+            Ok(()) if !ready => {
                 ready = true;
                 info!(
                     "ready: {} frontends programmed on {}",
@@ -97,9 +129,12 @@ async fn serve(dp: &mut Datapath, args: &RunArgs, config: &Config) -> Result<()>
                     args.ifaces.join(",")
                 );
             }
-            Ok(_) => {}
-            // The datapath keeps what it had; we try again next tick.
-            Err(e) => error!("reconcile failed, keeping the previous state: {e:#}"),
+            Ok(()) => {}
+            // The datapath keeps what it had; the next tick tries again.
+            Err(e) => {
+                state.generation = None;
+                error!("reconcile failed, keeping the previous state: {e:#}");
+            }
         }
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
@@ -113,11 +148,9 @@ async fn serve(dp: &mut Datapath, args: &RunArgs, config: &Config) -> Result<()>
     Ok(())
 }
 
-/// One pass: re-read what changed, program the difference, follow pod
-/// devices. Returns whether the desired state is programmed.
-fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<bool> {
-    let fingerprint = manifest::fingerprint(&args.manifests)
-        .with_context(|| format!("reading {}", args.manifests.display()))?;
+/// One pass: translate the newest objects if they or the node addresses
+/// changed, program the difference, follow pod devices.
+fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State, set: &ObjectSet) -> Result<()> {
     let addresses: Vec<Ipv4Addr> = dp
         .external_addresses()?
         .into_iter()
@@ -126,23 +159,19 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<boo
                 || args.nodeport_addresses.iter().any(|c| c.contains(*a))
         })
         .collect();
-    if state.fingerprint != Some(fingerprint) || state.addresses != addresses {
+    if state.generation != Some(set.generation) || state.addresses != addresses {
         if addresses.is_empty() {
             warn!(
                 "no node address on {} matches --nodeport-addresses: nodePorts are not served",
                 args.ifaces.join(",")
             );
         }
-        let set = manifest::load_path(&args.manifests)
-            .with_context(|| format!("loading {}", args.manifests.display()))?;
-        for p in &set.problems {
-            warn!("manifest: {p}");
-        }
         let node = NodeContext {
             node_name: args.node_name.clone(),
             node_addresses: addresses.clone(),
         };
-        let t = translate::translate(&set.services, &set.endpoint_slices, &node);
+        let t =
+            translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
         for s in &t.skipped {
             info!("not accelerated: {s}");
         }
@@ -167,7 +196,7 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<boo
             Err(e) => warn!("conntrack purge: {e:#}"),
         }
         state.desired = t.desired;
-        state.fingerprint = Some(fingerprint);
+        state.generation = Some(set.generation);
         state.addresses = addresses;
     }
     let local_pods: BTreeSet<Ipv4Addr> = state
@@ -177,5 +206,5 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State) -> Result<boo
         .flat_map(|f| f.backends.iter().filter(|b| b.local).map(|b| b.addr))
         .collect();
     dp.sync_pod_devices(&local_pods)?;
-    Ok(true)
+    Ok(())
 }

@@ -115,6 +115,41 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     fs::create_dir_all(pin_dir).with_context(|| format!("creating pin dir {}", pin_dir.display()))
 }
 
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The effective capabilities we lack, by name (from /proc/self/status).
+pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    missing
+}
+
+/// Fails with one clear line when the process cannot load or attach programs.
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let missing = missing_capabilities(&status);
+    if !missing.is_empty() {
+        bail!(
+            "insufficient privileges: run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (missing {})",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Turns the kernel's answer to a load into one line an operator can act on.
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let text = format!("{e:#}");
@@ -622,6 +657,22 @@ mod tests {
         let stale = stale_flows(&entries, &desired);
         assert_eq!(stale, vec![client, to(10).peer_key(IPPROTO_TCP)]);
         assert_eq!(stale_flows(&entries, &Desired::default()).len(), 2);
+    }
+
+    #[test]
+    fn capabilities_are_read_from_cap_eff() {
+        assert!(missing_capabilities("CapEff:\t000001ffffffffff\n").is_empty());
+        assert_eq!(
+            missing_capabilities("CapEff:\t0000000000000000\n"),
+            vec!["CAP_NET_ADMIN", "CAP_BPF"]
+        );
+        // CAP_NET_ADMIN + CAP_BPF without CAP_SYS_ADMIN is enough to run.
+        let net_admin_bpf = (1u64 << 12) | (1u64 << 39);
+        assert!(missing_capabilities(&format!("CapEff: {net_admin_bpf:016x}")).is_empty());
+        assert_eq!(
+            missing_capabilities("no such line"),
+            vec!["CAP_NET_ADMIN", "CAP_BPF"]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod maps;
 pub mod model;
 pub mod netdev;
 pub mod plan;
+pub mod source;
 pub mod stats;
 pub mod translate;
 

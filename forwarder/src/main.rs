@@ -3,10 +3,11 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use forwarder::{
-    daemon::{self, RunArgs},
+    daemon::{self, RunArgs, SourceArg},
     datapath::{XdpModeArg, XdpTxArg},
     netdev::Ipv4Cidr,
     stats,
+    translate::ServiceSelection,
 };
 
 /// XDP NodePort accelerator for Kubernetes nodes.
@@ -30,6 +31,10 @@ enum Command {
         /// Service and EndpointSlice manifests (YAML or JSON): a file or a directory. Reloaded on change.
         #[arg(long)]
         manifests: PathBuf,
+        /// Which Services to accelerate: all (except those annotated
+        /// forwarder.dev/accelerate: "false"), or only those annotated "true".
+        #[arg(long, value_enum, default_value = "all")]
+        services: Services,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpModeArg,
         /// Whether XDP transmits translated packets itself (else tc does).
@@ -55,6 +60,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Services {
+    All,
+    Annotated,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -91,6 +102,7 @@ fn real_main() -> Result<()> {
             iface,
             node_name,
             manifests,
+            services,
             xdp_mode,
             xdp_tx,
             nodeport_addresses,
@@ -107,7 +119,11 @@ fn real_main() -> Result<()> {
             rt.block_on(daemon::run(RunArgs {
                 ifaces: iface,
                 node_name,
-                manifests,
+                source: SourceArg::Manifests(manifests),
+                services: match services {
+                    Services::All => ServiceSelection::All,
+                    Services::Annotated => ServiceSelection::Annotated,
+                },
                 xdp_mode,
                 xdp_tx,
                 nodeport_addresses,
