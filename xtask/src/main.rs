@@ -1,1 +1,95 @@
-fn main() {}
+//! Developer tasks for the forwarder workspace: `cargo xtask <command>`.
+//!
+//! - `setup`: install the nightly toolchain pieces, bpf-linker and the Debian
+//!   packages (idempotent).
+//! - `build`: setup, then build the daemon and the integration-test binaries.
+//! - `test`: setup, build, lint, unit tests, integration tests (root).
+//! - `demo`: setup, build, then run the NodePort demo (root).
+
+mod cmd;
+mod llvm;
+mod setup;
+mod tasks;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and demo the forwarder"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: the nightly toolchain with
+    /// rust-src, bpf-linker built against nightly's LLVM, and the Debian
+    /// packages (apt only as root). Idempotent.
+    Setup,
+    /// Setup, then build target/release/forwarder (with its eBPF programs)
+    /// and the integration-test helper binaries.
+    Build,
+    /// Setup, build, rustfmt + clippy, unit tests and integration tests.
+    /// Needs root: creates network namespaces and loads eBPF.
+    Test {
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Passed to the integration test run (e.g. test name filters).
+        #[arg(last = true)]
+        integration_args: Vec<String>,
+    },
+    /// Setup, build, then run the istio-ingressgateway NodePort demo in
+    /// network namespaces; exits with the demo's exit code. Needs root.
+    Demo {
+        /// Passed to the demo binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn run(task: Task) -> Result<ExitCode> {
+    match task {
+        Task::Setup => setup::setup()?,
+        Task::Build => {
+            let paths = tasks::paths()?;
+            setup::setup()?;
+            tasks::build(&paths)?;
+        }
+        Task::Test {
+            no_lint,
+            integration_args,
+        } => tasks::test(&tasks::TestOptions {
+            no_lint,
+            integration_args,
+        })?,
+        Task::Demo { args } => return tasks::demo(&args),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cmd::add_cargo_bin_to_path().and_then(|()| run(cli.command));
+    match result {
+        Ok(code) => code,
+        Err(err) if err.chain().any(|e| e.is::<cmd::Interrupted>()) => {
+            eprintln!("xtask: {err}");
+            ExitCode::from(130)
+        }
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("xtask:   caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
