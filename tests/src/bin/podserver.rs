@@ -1,0 +1,482 @@
+//! A small, real server run inside a pod's network namespace, and the client
+//! the tests run inside the client's namespace.
+//!
+//! ```text
+//! podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]
+//! podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]
+//! podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000]
+//! ```
+//!
+//! `serve` answers HTTP/1.1 `GET /productpage` with 200, a small HTML page
+//! titled "Simple Bookstore App" and the headers `X-Pod: <pod-name>` and
+//! `X-Client: <peer ip:port as seen by the pod>` (any other path: 404), with
+//! keep-alive, one thread per connection. Every UDP datagram is answered with
+//! `<pod-name> <peer ip:port>`. Once both sockets are bound it prints one line
+//! `podserver <name> listening ...` on stdout.
+//!
+//! `udp-request` sends N datagrams on one *connected* UDP socket (so only a
+//! reply from the address it sent to is received) and prints each reply on a
+//! line; it exits 1 on a timeout.
+//!
+//! `http-get` prints one tab-separated line per request:
+//! `<status>\t<X-Pod>\t<X-Client>\t<local addr>\t<title>`, or
+//! `ERR\t<error>` when the request failed (exit status 1 then). With
+//! `--keep-alive` all N requests share one connection (sequentially);
+//! otherwise each request opens its own connection (distinct source ports),
+//! `--parallel P` at a time.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket},
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+const PAGE_TITLE: &str = "Simple Bookstore App";
+const MAX_HEAD: usize = 16 * 1024;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("udp-request") => udp_request(&args[1..]),
+        Some("http-get") => http_get(&args[1..]),
+        _ => Err(usage()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("podserver: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn usage() -> String {
+    "usage:\n  podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]\n  \
+     podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]\n  \
+     podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000]"
+        .to_string()
+}
+
+/// Minimal flag parsing: positional arguments, `--flag value` and boolean flags.
+struct Args {
+    positional: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    fn parse(args: &[String], boolean: &[&str]) -> Result<Args> {
+        let mut positional = Vec::new();
+        let mut options = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(flag) = a.strip_prefix("--") {
+                if boolean.contains(&flag) {
+                    options.push((flag.to_string(), None));
+                } else {
+                    let v = it
+                        .next()
+                        .ok_or_else(|| format!("--{flag} needs a value\n{}", usage()))?;
+                    options.push((flag.to_string(), Some(v.clone())));
+                }
+            } else {
+                positional.push(a.clone());
+            }
+        }
+        Ok(Args {
+            positional,
+            options,
+        })
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.options.iter().any(|(k, _)| k == name)
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: not a valid number: {v:?}")),
+        }
+    }
+
+    fn check_known(&self, known: &[&str]) -> Result<()> {
+        for (k, _) in &self.options {
+            if !known.contains(&k.as_str()) {
+                return Err(format!("unknown option --{k}\n{}", usage()));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- serve ----
+
+fn serve(args: &[String]) -> Result<ExitCode> {
+    let args = Args::parse(args, &[])?;
+    args.check_known(&["name", "http-port", "udp-port"])?;
+    let name = args
+        .value("name")
+        .ok_or_else(|| format!("serve needs --name\n{}", usage()))?
+        .to_string();
+    let http_port: u16 = args.number("http-port", 80)?;
+    let udp_port: u16 = args.number("udp-port", 5353)?;
+
+    let tcp = TcpListener::bind(("0.0.0.0", http_port))
+        .map_err(|e| format!("binding TCP port {http_port}: {e}"))?;
+    let udp = UdpSocket::bind(("0.0.0.0", udp_port))
+        .map_err(|e| format!("binding UDP port {udp_port}: {e}"))?;
+
+    let udp_name = name.clone();
+    std::thread::spawn(move || serve_udp(&udp_name, &udp));
+
+    println!("podserver {name} listening on TCP {http_port} and UDP {udp_port}");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("writing stdout: {e}"))?;
+
+    let name = Arc::new(name);
+    for conn in tcp.incoming() {
+        match conn {
+            Ok(stream) => {
+                let name = Arc::clone(&name);
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_http_connection(&name, stream) {
+                        eprintln!("podserver {name}: connection: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("podserver {name}: accept: {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_udp(name: &str, sock: &UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                let reply = format!("{name} {peer}");
+                if let Err(e) = sock.send_to(reply.as_bytes(), peer) {
+                    eprintln!("podserver {name}: udp reply to {peer}: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("podserver {name}: udp recv: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Reads one message head (up to and including the blank line). `Ok(None)`
+/// on a clean end of stream before any byte.
+fn read_head(reader: &mut impl BufRead) -> Result<Option<Vec<String>>> {
+    let mut lines = Vec::new();
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            if lines.is_empty() {
+                return Ok(None);
+            }
+            return Err("connection closed in the middle of a message head".into());
+        }
+        total += n;
+        if total > MAX_HEAD {
+            return Err("message head too large".into());
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_string();
+        if line.is_empty() {
+            if lines.is_empty() {
+                continue; // tolerate stray CRLF between messages
+            }
+            return Ok(Some(lines));
+        }
+        lines.push(line);
+    }
+}
+
+fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
+    head.iter().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
+    let peer = stream.peer_addr().map_err(|e| format!("peer_addr: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| format!("cloning stream: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    while let Some(head) = read_head(&mut reader)? {
+        let mut parts = head[0].split_whitespace();
+        let (method, path, version) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        // Discard a request body, if any.
+        if let Some(len) = header(&head, "content-length") {
+            let len: u64 = len.parse().map_err(|_| "bad Content-Length".to_string())?;
+            std::io::copy(&mut (&mut reader).take(len), &mut std::io::sink())
+                .map_err(|e| format!("reading body: {e}"))?;
+        }
+        let close = version != "HTTP/1.1"
+            || header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let (status, body) = if method == "GET" && path == "/productpage" {
+            (
+                "200 OK",
+                format!(
+                    "<html>\n<head><title>{PAGE_TITLE}</title></head>\n<body>\n\
+                     <h1>{PAGE_TITLE}</h1>\n<p>Served by {name} to {peer}</p>\n</body>\n</html>\n"
+                ),
+            )
+        } else {
+            ("404 Not Found", "not found\n".to_string())
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
+             Content-Length: {}\r\nX-Pod: {name}\r\nX-Client: {peer}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" },
+        );
+        writer
+            .write_all(response.as_bytes())
+            .map_err(|e| format!("writing response: {e}"))?;
+        if close {
+            break;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------- udp-request ----
+
+fn udp_request(args: &[String]) -> Result<ExitCode> {
+    let args = Args::parse(args, &[])?;
+    args.check_known(&["count", "timeout-ms"])?;
+    let [target] = args.positional.as_slice() else {
+        return Err(format!("udp-request needs one <addr:port>\n{}", usage()));
+    };
+    let count: u32 = args.number("count", 1)?;
+    let timeout = Duration::from_millis(args.number("timeout-ms", 1000)?);
+    let addr = resolve(target)?;
+
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| format!("binding UDP: {e}"))?;
+    // Connected: the kernel only delivers datagrams whose source is `addr`,
+    // so a reply that is not translated back is never seen.
+    sock.connect(addr)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let mut buf = [0u8; 2048];
+    for i in 0..count {
+        let msg = format!("request {i}");
+        sock.send(msg.as_bytes())
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        match sock.recv(&mut buf) {
+            Ok(n) => println!("{}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => {
+                eprintln!("podserver: no reply from {addr} to request {i} within {timeout:?}: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve(target: &str) -> Result<SocketAddr> {
+    target
+        .to_socket_addrs()
+        .map_err(|e| format!("bad address {target:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("address {target:?} resolves to nothing"))
+}
+
+// ------------------------------------------------------------- http-get ----
+
+struct Url {
+    addr: SocketAddr,
+    host: String,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<Url> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("only http:// URLs are supported: {url:?}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let with_port = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok(Url {
+        addr: resolve(&with_port)?,
+        host: authority.to_string(),
+        path: path.to_string(),
+    })
+}
+
+struct Response {
+    status: u16,
+    pod: String,
+    client: String,
+    local: SocketAddr,
+    title: String,
+}
+
+impl Response {
+    fn line(&self) -> String {
+        format!(
+            "{}\t{}\t{}\t{}\t{}",
+            self.status, self.pod, self.client, self.local, self.title
+        )
+    }
+}
+
+fn connect(url: &Url, timeout: Duration) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&url.addr, timeout)
+        .map_err(|e| format!("connecting to {}: {e}", url.addr))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("setting timeouts: {e}"))?;
+    Ok(stream)
+}
+
+/// One request on `stream`; reads the complete response.
+fn request(reader: &mut BufReader<TcpStream>, url: &Url, keep_alive: bool) -> Result<Response> {
+    let local = reader
+        .get_ref()
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: podserver\r\nConnection: {}\r\n\r\n",
+        url.path,
+        url.host,
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    reader
+        .get_mut()
+        .write_all(req.as_bytes())
+        .map_err(|e| format!("sending request: {e}"))?;
+    let head = read_head(reader)?.ok_or("connection closed before a response")?;
+    let status = head[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {:?}", head[0]))?;
+    let len: usize = header(&head, "content-length")
+        .ok_or("response without Content-Length")?
+        .parse()
+        .map_err(|_| "bad Content-Length in response".to_string())?;
+    let mut body = vec![0u8; len];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| format!("reading body: {e}"))?;
+    let body = String::from_utf8_lossy(&body);
+    let title = body
+        .split_once("<title>")
+        .and_then(|(_, rest)| rest.split_once("</title>"))
+        .map(|(t, _)| t.to_string())
+        .unwrap_or_default();
+    Ok(Response {
+        status,
+        pod: header(&head, "x-pod").unwrap_or("-").to_string(),
+        client: header(&head, "x-client").unwrap_or("-").to_string(),
+        local,
+        title,
+    })
+}
+
+fn http_get(args: &[String]) -> Result<ExitCode> {
+    let args = Args::parse(args, &["keep-alive"])?;
+    args.check_known(&["count", "parallel", "keep-alive", "timeout-ms"])?;
+    let [url] = args.positional.as_slice() else {
+        return Err(format!("http-get needs one <url>\n{}", usage()));
+    };
+    let url = parse_url(url)?;
+    let count: usize = args.number("count", 1)?;
+    let parallel: usize = args.number("parallel", 1)?;
+    let timeout = Duration::from_millis(args.number("timeout-ms", 3000)?);
+    let failed = AtomicUsize::new(0);
+    let out = Mutex::new(std::io::stdout());
+    let print = |r: Result<Response>| {
+        let line = match r {
+            Ok(r) => r.line(),
+            Err(e) => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                format!("ERR\t{e}")
+            }
+        };
+        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+
+    if args.flag("keep-alive") {
+        // One connection for all requests, sequentially.
+        match connect(&url, timeout) {
+            Ok(stream) => {
+                let mut reader = BufReader::new(stream);
+                for _ in 0..count {
+                    let r = request(&mut reader, &url, true);
+                    let broken = r.is_err();
+                    print(r);
+                    if broken {
+                        break;
+                    }
+                }
+            }
+            Err(e) => print(Err(e)),
+        }
+    } else {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..parallel.clamp(1, 64) {
+                s.spawn(|| {
+                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                        let r = connect(&url, timeout)
+                            .and_then(|s| request(&mut BufReader::new(s), &url, false));
+                        print(r);
+                    }
+                });
+            }
+        });
+    }
+    Ok(if failed.load(Ordering::Relaxed) == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

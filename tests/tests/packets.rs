@@ -1,0 +1,859 @@
+//! Packet tables through `BPF_PROG_TEST_RUN`: input frame, expected verdict,
+//! expected output frame, for the XDP and tc programs.
+//!
+//! The programs run inside a network namespace made for the test, with the
+//! routes and (permanent) neighbours a node would have, so `bpf_fib_lookup`
+//! answers as on a real node. Expected frames are produced by rewriting the
+//! input with etherparse, which also computes every checksum: an
+//! implementation independent of ours.
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf,
+};
+use etherparse::{Ethernet2Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use forwarder::{
+    maps::Maps,
+    model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
+    plan,
+};
+use forwarder_common::{
+    program_names, Config, CtKey, IfaceInfo, Reason, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER,
+    IFACE_F_XDP_TX,
+};
+use integration_tests::{
+    netns::{unique_prefix, Netns},
+    skip_unless_netns_capable,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+
+const ETH0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const CALI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x10];
+
+// Frontends programmed for the tables.
+const NP_REMOTE_TCP: u16 = 31380;
+const NP_LOCAL_TCP: u16 = 31381;
+const NP_REMOTE_UDP: u16 = 31353;
+const NP_LOCAL_UDP: u16 = 31354;
+const NP_LOCAL_POLICY_EMPTY: u16 = 31390;
+
+/// A node namespace, the programs loaded, and the maps programmed.
+struct Rig {
+    // Field order: programs and maps go before the namespace is deleted.
+    ebpf: Ebpf,
+    maps: Maps,
+    eth0: u32,
+    cali: u32,
+    _ns: Netns,
+}
+
+fn setup_namespace() -> Result<Netns> {
+    let ns = Netns::create(&format!("{}pk", unique_prefix()))?;
+    for args in [
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+        ][..],
+        &[
+            "link", "add", "cali1", "type", "veth", "peer", "name", "pod1",
+        ],
+        &["link", "set", "eth0", "address", "02:00:00:00:00:01"],
+        &["link", "set", "cali1", "address", "02:00:00:00:0c:01"],
+        &["link", "set", "eth0", "up"],
+        &["link", "set", "wire0", "up"],
+        &["link", "set", "cali1", "up"],
+        &["link", "set", "pod1", "up"],
+        &["addr", "add", "192.0.2.1/24", "dev", "eth0"],
+        &["route", "add", "10.244.1.10/32", "dev", "cali1"],
+        &[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "eth0",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.100",
+            "lladdr",
+            "02:00:00:00:00:64",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "10.244.1.10",
+            "lladdr",
+            "02:00:00:00:01:10",
+            "dev",
+            "cali1",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(args)?;
+    }
+    ns.sysctl("ipv4.ip_forward", "1")?;
+    ns.sysctl("ipv4.conf.all.forwarding", "1")?;
+    Ok(ns)
+}
+
+fn frontend(
+    port: u16,
+    proto: Protocol,
+    backends: Vec<DesiredBackend>,
+) -> (FrontendAddr, DesiredFrontend) {
+    (
+        FrontendAddr {
+            addr: NODE,
+            port,
+            proto,
+        },
+        DesiredFrontend {
+            service: format!("test/np{port}"),
+            port_name: String::new(),
+            backends,
+            no_snat: false,
+            drop_if_empty: false,
+        },
+    )
+}
+
+fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
+    DesiredBackend { addr, port, local }
+}
+
+impl Rig {
+    /// Must run inside the namespace (fib lookups use the caller's).
+    fn new(ns: Netns) -> Result<Rig> {
+        let eth0 = ifindex("eth0")?;
+        let cali = ifindex("cali1")?;
+        let mut ebpf = Ebpf::load(forwarder::EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.config.set(0, Config::default(), 0)?;
+        maps.ifaces.insert(
+            eth0,
+            IfaceInfo {
+                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
+                flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
+            },
+            0,
+        )?;
+        maps.ifaces.insert(
+            cali,
+            IfaceInfo {
+                snat_addr_be: 0,
+                flags: IFACE_F_VETH_PEER,
+            },
+            0,
+        )?;
+        let mut local_policy = frontend(NP_LOCAL_POLICY_EMPTY, Protocol::Tcp, vec![]);
+        local_policy.1.no_snat = true;
+        local_policy.1.drop_if_empty = true;
+        let desired = Desired {
+            frontends: [
+                frontend(
+                    NP_REMOTE_TCP,
+                    Protocol::Tcp,
+                    vec![backend(REMOTE_POD, 80, false)],
+                ),
+                frontend(
+                    NP_LOCAL_TCP,
+                    Protocol::Tcp,
+                    vec![backend(LOCAL_POD, 80, true)],
+                ),
+                frontend(
+                    NP_REMOTE_UDP,
+                    Protocol::Udp,
+                    vec![backend(REMOTE_POD, 53, false)],
+                ),
+                frontend(
+                    NP_LOCAL_UDP,
+                    Protocol::Udp,
+                    vec![backend(LOCAL_POD, 53, true)],
+                ),
+                local_policy,
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let ops = plan::plan(&desired, &maps.snapshot()?)?;
+        maps.apply(&ops)?;
+
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::XDP)
+            .context("xdp program")?
+            .try_into()?;
+        xdp.load()?;
+        // Attached so the veth registers its XDP receive queue, which a test
+        // run with an ingress ifindex requires.
+        xdp.attach_to_if_index(eth0, XdpMode::Driver)
+            .context("attaching XDP to eth0")?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::TC)
+            .context("tc program")?
+            .try_into()?;
+        tc.load()?;
+        Ok(Rig {
+            ebpf,
+            maps,
+            eth0,
+            cali,
+            _ns: ns,
+        })
+    }
+
+    fn xdp(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(program_names::XDP)
+            .context("xdp program")?
+            .try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("XDP test run")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn tc(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program_names::TC)
+            .context("tc program")?
+            .try_into()?;
+        // struct __sk_buff up to and including `ifindex` (offset 40); the
+        // kernel requires the fields before it to be zero.
+        let mut ctx = vec![0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("tc test run")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn count(&self, r: Reason) -> Result<u64> {
+        Ok(self.maps.reason_totals()?[r.name()])
+    }
+
+    fn has_flow(&self, key: CtKey) -> bool {
+        self.maps.conntrack.get(&key, 0).is_ok()
+    }
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    forwarder::netdev::ifindex(name).map_err(|e| anyhow!(e))
+}
+
+/// Builds and runs the rig inside a fresh namespace.
+fn with_rig(f: impl FnOnce(&mut Rig) -> Result<()> + Send) -> Result<()> {
+    let ns = setup_namespace()?;
+    let name = ns.name().to_string();
+    integration_tests::netns::run_in(&name, move || {
+        let mut rig = Rig::new(ns)?;
+        f(&mut rig)
+    })
+}
+
+// ---- frames -------------------------------------------------------------
+
+fn tcp_frame(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    ttl: u8,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (smac, dmac) = macs_for(src.0);
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.0.octets(), dst.0.octets(), ttl)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(2000) };
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("writing to a Vec");
+    out
+}
+
+fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let (smac, dmac) = macs_for(src.0);
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.0.octets(), dst.0.octets(), ttl)
+        .udp(src.1, dst.1);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("writing to a Vec");
+    out
+}
+
+/// MACs a frame from `src` arrives with at our node.
+fn macs_for(src: Ipv4Addr) -> ([u8; 6], [u8; 6]) {
+    if src == LOCAL_POD {
+        (POD_MAC, CALI_MAC)
+    } else if src == REMOTE_POD {
+        (NODE2_MAC, ETH0_MAC)
+    } else {
+        (CLIENT_MAC, ETH0_MAC)
+    }
+}
+
+/// The frame as it should leave: new MACs, addresses and ports, TTL - 1,
+/// every checksum recomputed by etherparse (a zero UDP checksum stays zero).
+fn rewritten(
+    frame: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> Result<Vec<u8>> {
+    let h = PacketHeaders::from_ethernet_slice(frame).map_err(|e| anyhow!("{e}"))?;
+    let Some(NetHeaders::Ipv4(mut ip, _)) = h.net else {
+        bail!("not IPv4");
+    };
+    let payload = h.payload.slice();
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: macs.0,
+        destination: macs.1,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut out)?;
+    ip.source = src.0.octets();
+    ip.destination = dst.0.octets();
+    ip.time_to_live -= 1;
+    ip.write(&mut out)?;
+    match h.transport {
+        Some(TransportHeader::Tcp(mut tcp)) => {
+            tcp.source_port = src.1;
+            tcp.destination_port = dst.1;
+            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload)?;
+            tcp.write(&mut out)?;
+        }
+        Some(TransportHeader::Udp(mut udp)) => {
+            let had_checksum = udp.checksum != 0;
+            udp.source_port = src.1;
+            udp.destination_port = dst.1;
+            udp.checksum = if had_checksum {
+                udp.calc_checksum_ipv4(&ip, payload)?
+            } else {
+                0
+            };
+            udp.write(&mut out)?;
+        }
+        other => bail!("unexpected transport {other:?}"),
+    }
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Checks every checksum of `frame` with etherparse.
+fn assert_checksums_valid(frame: &[u8]) -> Result<()> {
+    let h = PacketHeaders::from_ethernet_slice(frame).map_err(|e| anyhow!("{e}"))?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+        bail!("not IPv4");
+    };
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "bad IPv4 header checksum"
+    );
+    let payload = h.payload.slice();
+    match &h.transport {
+        Some(TransportHeader::Tcp(tcp)) => {
+            ensure!(
+                tcp.checksum == tcp.calc_checksum_ipv4(ip, payload)?,
+                "bad TCP checksum"
+            );
+        }
+        Some(TransportHeader::Udp(udp)) if udp.checksum != 0 => {
+            ensure!(
+                udp.checksum == udp.calc_checksum_ipv4(ip, payload)?,
+                "bad UDP checksum"
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn src_port(frame: &[u8]) -> Result<u16> {
+    let h = PacketHeaders::from_ethernet_slice(frame).map_err(|e| anyhow!("{e}"))?;
+    match h.transport {
+        Some(TransportHeader::Tcp(t)) => Ok(t.source_port),
+        Some(TransportHeader::Udp(u)) => Ok(u.source_port),
+        other => bail!("no ports in {other:?}"),
+    }
+}
+
+fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> CtKey {
+    CtKey::new(
+        u32::from_ne_bytes(src.0.octets()),
+        src.1.to_be(),
+        u32::from_ne_bytes(dst.0.octets()),
+        dst.1.to_be(),
+        proto,
+    )
+}
+
+fn assert_frame(name: &str, got: &[u8], want: &[u8]) -> Result<()> {
+    assert_checksums_valid(got).with_context(|| format!("{name}: output"))?;
+    ensure!(
+        got == want,
+        "{name}: output frame differs\n got: {got:02x?}\nwant: {want:02x?}"
+    );
+    Ok(())
+}
+
+// ---- tables -------------------------------------------------------------
+
+#[test]
+fn remote_backend_flow_is_source_natted_and_sent_back_out_with_xdp_tx() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40001);
+        let front = (NODE, NP_REMOTE_TCP);
+        let syn = tcp_frame(client, front, 64, true, &[]);
+        let (verdict, out) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(verdict == XDP_TX, "SYN verdict {verdict}");
+        let port = src_port(&out)?;
+        ensure!(
+            (61000..=65535).contains(&port),
+            "source port {port} outside the SNAT range"
+        );
+        let want = rewritten(&syn, (ETH0_MAC, NODE2_MAC), (NODE, port), (REMOTE_POD, 80))?;
+        assert_frame("SYN", &out, &want)?;
+        ensure!(
+            rig.has_flow(ct_key(client, front, 6)),
+            "forward entry missing"
+        );
+        ensure!(
+            rig.has_flow(ct_key((REMOTE_POD, 80), (NODE, port), 6)),
+            "reply entry missing"
+        );
+
+        // Established: the same source port again.
+        let ack = tcp_frame(
+            client,
+            front,
+            64,
+            false,
+            b"GET /productpage HTTP/1.1\r\n\r\n",
+        );
+        let (verdict, out) = rig.xdp(rig.eth0, &ack)?;
+        ensure!(verdict == XDP_TX, "ACK verdict {verdict}");
+        let want = rewritten(&ack, (ETH0_MAC, NODE2_MAC), (NODE, port), (REMOTE_POD, 80))?;
+        assert_frame("established", &out, &want)?;
+
+        // The reply comes back to the node address and our port, and leaves
+        // as if from the nodePort.
+        let reply = tcp_frame(
+            (REMOTE_POD, 80),
+            (NODE, port),
+            63,
+            false,
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        );
+        let (verdict, out) = rig.xdp(rig.eth0, &reply)?;
+        ensure!(verdict == XDP_TX, "reply verdict {verdict}");
+        let want = rewritten(&reply, (ETH0_MAC, CLIENT_MAC), front, client)?;
+        assert_frame("reply", &out, &want)?;
+        ensure!(rig.count(Reason::XdpTx)? >= 3);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn local_backend_is_left_to_tc_which_delivers_into_the_pod_keeping_the_client_address() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40002);
+        let front = (NODE, NP_LOCAL_TCP);
+        let syn = tcp_frame(client, front, 64, true, &[]);
+        // XDP cannot transmit into a pod: it leaves the frame untouched.
+        let before = rig.count(Reason::XdpToTc)?;
+        let (verdict, out) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(verdict == XDP_PASS, "XDP verdict {verdict}");
+        ensure!(out == syn, "XDP changed a frame it passed");
+        ensure!(rig.count(Reason::XdpToTc)? == before + 1);
+
+        let (verdict, out) = rig.tc(rig.eth0, &syn)?;
+        ensure!(verdict == TC_ACT_REDIRECT, "tc verdict {verdict}");
+        let want = rewritten(&syn, (CALI_MAC, POD_MAC), client, (LOCAL_POD, 80))?;
+        assert_frame("to pod", &out, &want)?;
+        ensure!(rig.count(Reason::TcRedirectPeer)? >= 1);
+
+        // The pod's reply, caught at tc ingress on its host-side veth.
+        let reply = tcp_frame(
+            (LOCAL_POD, 80),
+            client,
+            64,
+            false,
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        );
+        let (verdict, out) = rig.tc(rig.cali, &reply)?;
+        ensure!(verdict == TC_ACT_REDIRECT, "reply verdict {verdict}");
+        let want = rewritten(&reply, (ETH0_MAC, CLIENT_MAC), front, client)?;
+        assert_frame("reply", &out, &want)?;
+        ensure!(rig.count(Reason::TcRedirect)? >= 1);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn udp_to_remote_and_local_backends_with_and_without_checksums() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40003);
+        let front = (NODE, NP_REMOTE_UDP);
+        let query = udp_frame(client, front, 64, b"query");
+        let (verdict, out) = rig.xdp(rig.eth0, &query)?;
+        ensure!(verdict == XDP_TX, "UDP verdict {verdict}");
+        let port = src_port(&out)?;
+        let want = rewritten(
+            &query,
+            (ETH0_MAC, NODE2_MAC),
+            (NODE, port),
+            (REMOTE_POD, 53),
+        )?;
+        assert_frame("udp", &out, &want)?;
+
+        // A zero UDP checksum means "none" and must stay zero.
+        let mut no_sum = udp_frame((CLIENT, 40004), front, 64, b"query");
+        no_sum[40] = 0;
+        no_sum[41] = 0;
+        let (verdict, out) = rig.xdp(rig.eth0, &no_sum)?;
+        ensure!(verdict == XDP_TX, "UDP (no checksum) verdict {verdict}");
+        let port = src_port(&out)?;
+        ensure!(out[40..42] == [0, 0], "zero UDP checksum was changed");
+        let want = rewritten(
+            &no_sum,
+            (ETH0_MAC, NODE2_MAC),
+            (NODE, port),
+            (REMOTE_POD, 53),
+        )?;
+        assert_frame("udp without checksum", &out, &want)?;
+
+        // Local UDP backend through tc, both with and without a checksum.
+        for (client, zero) in [((CLIENT, 40005), false), ((CLIENT, 40006), true)] {
+            let mut q = udp_frame(client, (NODE, NP_LOCAL_UDP), 64, b"query");
+            if zero {
+                q[40] = 0;
+                q[41] = 0;
+            }
+            let (verdict, out) = rig.tc(rig.eth0, &q)?;
+            ensure!(verdict == TC_ACT_REDIRECT, "local UDP verdict {verdict}");
+            let want = rewritten(&q, (CALI_MAC, POD_MAC), client, (LOCAL_POD, 53))?;
+            assert_frame("local udp", &out, &want)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn ipv4_options_are_kept_and_the_l4_header_found_after_them() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40007);
+        let front = (NODE, NP_REMOTE_TCP);
+        let plain = tcp_frame(client, front, 64, true, &[]);
+        // Rebuild with 8 bytes of options (NOPs and an end-of-list).
+        let h = PacketHeaders::from_ethernet_slice(&plain).map_err(|e| anyhow!("{e}"))?;
+        let Some(NetHeaders::Ipv4(mut ip, _)) = h.net else {
+            bail!("not IPv4")
+        };
+        ip.options = [1u8, 1, 1, 1, 1, 1, 1, 0][..]
+            .try_into()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let Some(TransportHeader::Tcp(mut tcp)) = h.transport else {
+            bail!("not TCP")
+        };
+        ip.set_payload_len(tcp.header_len())?;
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[])?;
+        let mut frame = plain[..14].to_vec();
+        ip.write(&mut frame)?;
+        tcp.write(&mut frame)?;
+        ensure!(frame[14] == 0x47, "ihl 7 expected");
+
+        let (verdict, out) = rig.xdp(rig.eth0, &frame)?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let port = u16::from_be_bytes([out[14 + 28], out[14 + 29]]);
+        let want = rewritten(
+            &frame,
+            (ETH0_MAC, NODE2_MAC),
+            (NODE, port),
+            (REMOTE_POD, 80),
+        )?;
+        assert_frame("options", &out, &want)?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn packets_not_ours_pass_unchanged_with_their_reason_counted() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40008);
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0u8; 28]);
+        let mut icmp = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
+        icmp[14 + 9] = 1; // protocol ICMP (checksums are irrelevant to a pass)
+        let mut first_fragment = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
+        first_fragment[14 + 6] |= 0x20; // more fragments
+        let mut later_fragment = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
+        later_fragment[14 + 7] = 0x10; // offset 16 * 8 bytes
+        let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+            ("ARP", arp, Reason::PassNotIpv4),
+            ("ICMP", icmp, Reason::PassNotTcpUdp),
+            (
+                "another port",
+                tcp_frame(client, (NODE, 31999), 64, true, &[]),
+                Reason::PassNoService,
+            ),
+            (
+                "another address",
+                tcp_frame(
+                    client,
+                    (Ipv4Addr::new(192, 0, 2, 5), NP_REMOTE_TCP),
+                    64,
+                    true,
+                    &[],
+                ),
+                Reason::PassNoService,
+            ),
+            (
+                "pod IP at a nodePort number",
+                tcp_frame(client, (LOCAL_POD, NP_REMOTE_TCP), 64, true, &[]),
+                Reason::PassNoService,
+            ),
+            (
+                "UDP at a TCP nodePort",
+                udp_frame(client, (NODE, NP_REMOTE_TCP), 64, b"x"),
+                Reason::PassNoService,
+            ),
+            ("first fragment", first_fragment, Reason::PassFragment),
+            ("later fragment", later_fragment, Reason::PassFragment),
+            (
+                "TTL 1",
+                tcp_frame(client, (NODE, NP_REMOTE_TCP), 1, true, &[]),
+                Reason::PassTtl,
+            ),
+        ];
+        for (name, frame, reason) in cases {
+            for hook in ["xdp", "tc"] {
+                let before = rig.count(reason)?;
+                let (verdict, out) = if hook == "xdp" {
+                    rig.xdp(rig.eth0, &frame)?
+                } else {
+                    rig.tc(rig.eth0, &frame)?
+                };
+                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
+                ensure!(verdict == pass, "{name} ({hook}): verdict {verdict}");
+                ensure!(out == frame, "{name} ({hook}): frame changed");
+                ensure!(
+                    rig.count(reason)? == before + 1,
+                    "{name} ({hook}): {} not counted",
+                    reason.name()
+                );
+            }
+        }
+        // Nothing above created a flow.
+        ensure!(rig.count(Reason::CtCreated)? == 0);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn truncated_frames_at_every_length_pass_without_state() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let frames = [
+            tcp_frame((CLIENT, 40009), (NODE, NP_REMOTE_TCP), 64, true, &[]),
+            udp_frame((CLIENT, 40010), (NODE, NP_REMOTE_UDP), 64, &[]),
+            tcp_frame((REMOTE_POD, 80), (NODE, 61000), 64, false, &[]),
+        ];
+        let before = rig.count(Reason::PassMalformed)?;
+        let mut cut = 0;
+        for frame in &frames {
+            // The kernel refuses XDP test frames shorter than an Ethernet
+            // header, and skb test frames whose IPv4 header is incomplete.
+            for len in 14..frame.len() {
+                let short = &frame[..len];
+                let (v, out) = rig.xdp(rig.eth0, short)?;
+                ensure!(
+                    v == XDP_PASS && out == short,
+                    "XDP, {len} bytes: verdict {v}"
+                );
+                cut += 1;
+                if len >= 14 + 20 {
+                    let (v, out) = rig
+                        .tc(rig.eth0, short)
+                        .with_context(|| format!("{len} bytes"))?;
+                    ensure!(
+                        v == TC_ACT_OK && out == short,
+                        "tc, {len} bytes: verdict {v}"
+                    );
+                    cut += 1;
+                }
+            }
+        }
+        // Every cut falls inside the IPv4 or L4 header: each run counts one
+        // malformed packet.
+        let malformed = rig.count(Reason::PassMalformed)? - before;
+        ensure!(
+            malformed == cut,
+            "{malformed} of {cut} runs counted as malformed"
+        );
+        ensure!(
+            rig.count(Reason::CtCreated)? == 0,
+            "a truncated frame created a flow"
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn local_traffic_policy_without_local_backends_drops_and_counts() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let syn = tcp_frame(
+            (CLIENT, 40011),
+            (NODE, NP_LOCAL_POLICY_EMPTY),
+            64,
+            true,
+            &[],
+        );
+        let (v, _) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(v == XDP_DROP, "XDP verdict {v}");
+        let (v, _) = rig.tc(rig.eth0, &syn)?;
+        ensure!(v == TC_ACT_SHOT, "tc verdict {v}");
+        ensure!(rig.count(Reason::DropNoLocalBackend)? == 2);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_reply_for_an_unknown_flow_is_passed_untouched() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        // Backend traffic to a node port we never allocated: not ours.
+        let stray = tcp_frame((REMOTE_POD, 80), (NODE, 61234), 64, false, b"x");
+        let (v, out) = rig.xdp(rig.eth0, &stray)?;
+        ensure!(v == XDP_PASS && out == stray, "verdict {v}");
+        let pod_other = tcp_frame((LOCAL_POD, 80), (CLIENT, 50000), 64, false, b"x");
+        let (v, out) = rig.tc(rig.cali, &pod_other)?;
+        ensure!(
+            v == TC_ACT_OK && out == pod_other,
+            "pod traffic verdict {v}"
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn idle_and_closed_flows_expire_and_their_tuple_starts_a_new_flow() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let config = Config {
+            udp_timeout_ns: 1_000_000_000,
+            udp_replied_timeout_ns: 1_000_000_000,
+            ..Config::default()
+        };
+        rig.maps.config.set(0, config, 0)?;
+
+        // UDP idle past its timeout: the same tuple is a new flow.
+        let q = udp_frame((CLIENT, 40020), (NODE, NP_REMOTE_UDP), 64, b"q");
+        let created = rig.count(Reason::CtCreated)?;
+        let (v, _) = rig.xdp(rig.eth0, &q)?;
+        ensure!(v == XDP_TX);
+        let (v, _) = rig.xdp(rig.eth0, &q)?;
+        ensure!(v == XDP_TX);
+        ensure!(
+            rig.count(Reason::CtCreated)? == created + 1,
+            "second packet is the same flow"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2_200));
+        let recycled = rig.count(Reason::CtRecycled)?;
+        let (v, _) = rig.xdp(rig.eth0, &q)?;
+        ensure!(v == XDP_TX);
+        ensure!(
+            rig.count(Reason::CtRecycled)? == recycled + 1,
+            "idle UDP flow not expired"
+        );
+
+        // TCP: after a FIN, a new SYN on the same tuple starts a new flow.
+        let client = (CLIENT, 40021);
+        let front = (NODE, NP_REMOTE_TCP);
+        let syn = tcp_frame(client, front, 64, true, &[]);
+        let (v, _) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(v == XDP_TX);
+        let mut fin = tcp_frame(client, front, 64, false, &[]);
+        fin[14 + 20 + 13] |= 0x01; // FIN (checksum is irrelevant to the verdict here)
+        let (v, _) = rig.xdp(rig.eth0, &fin)?;
+        ensure!(v == XDP_TX);
+        let recycled = rig.count(Reason::CtRecycled)?;
+        let (v, _) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(v == XDP_TX);
+        ensure!(
+            rig.count(Reason::CtRecycled)? == recycled + 1,
+            "SYN after FIN did not start a new flow"
+        );
+        Ok(())
+    })
+    .unwrap();
+}
