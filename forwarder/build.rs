@@ -4,10 +4,11 @@ use aya_build::{Package, Toolchain};
 /// Builds the eBPF object (forwarder-ebpf, on nightly for bpfel-unknown-none)
 /// into OUT_DIR, where `src/lib.rs` embeds it.
 fn main() -> anyhow::Result<()> {
-    let metadata = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version=1", "--no-deps"])
-        .output()
-        .context("cargo metadata")?;
+    let metadata =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["metadata", "--format-version=1", "--no-deps"])
+            .output()
+            .context("cargo metadata")?;
     let text = String::from_utf8(metadata.stdout).context("cargo metadata output")?;
     // Find forwarder-ebpf's directory without pulling a JSON crate into the build.
     let manifest = text
