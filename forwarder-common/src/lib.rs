@@ -26,8 +26,9 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_LABELS: &str = "SERVICE_LABELS";
+    pub const STATUS: &str = "STATUS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
@@ -36,8 +37,12 @@ pub mod map_names {
         SERVICE_STATS,
         REASON_STATS,
         SERVICE_LABELS,
+        STATUS,
     ];
 }
+
+/// Name of the read-only global holding the datapath generation.
+pub const GENERATION_GLOBAL: &str = "DATAPATH_GENERATION";
 
 /// Program names in the eBPF object.
 pub mod program_names {
@@ -178,7 +183,9 @@ pub struct CtEntry {
     pub flags: u8,
     /// `CT_STATE_*`.
     pub state: u8,
-    pub _pad0: u16,
+    /// Low bits of the datapath generation whose programs created the flow
+    /// (`--datapath-generation`): shows which version made an entry.
+    pub generation: u16,
     pub _pad1: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
@@ -237,12 +244,36 @@ impl ServiceLabel {
     }
 }
 
+/// What the daemon last did, kept in a pinned map so inspection commands and
+/// a restarted daemon can read it without the daemon. Times are Unix seconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DaemonStatus {
+    /// Hash of the eBPF object the attached programs came from.
+    pub object_hash: u64,
+    pub started_unix: u64,
+    /// Refreshed every second while a daemon runs.
+    pub heartbeat_unix: u64,
+    /// When the desired state was last programmed completely (0: never).
+    pub programmed_unix: u64,
+    pub frontends: u32,
+    pub backends: u32,
+    pub pid: u32,
+    /// Consecutive failed reconciles (0 when the last one succeeded).
+    pub failures: u32,
+}
+const _: () = assert!(core::mem::size_of::<DaemonStatus>() == 48);
+
 /// The device faces clients: frontends are looked up on it.
 pub const IFACE_F_EXTERNAL: u32 = 1 << 0;
 /// XDP may transmit out of this device (`XDP_TX` / redirect).
 pub const IFACE_F_XDP_TX: u32 = 1 << 1;
 /// A veth whose peer sits in another namespace: tc may `bpf_redirect_peer` to it.
 pub const IFACE_F_VETH_PEER: u32 = 1 << 2;
+/// Informational: XDP runs in generic (skb) mode here; native otherwise.
+pub const IFACE_F_XDP_GENERIC: u32 = 1 << 3;
+/// Informational: no XDP here (the device refused it); tc does everything.
+pub const IFACE_F_TC_ONLY: u32 = 1 << 4;
 
 /// Value of the interfaces map, keyed by ifindex (u32).
 #[repr(C)]
@@ -380,6 +411,7 @@ mod user {
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ServiceLabel {}
+    unsafe impl aya::Pod for DaemonStatus {}
 }
 
 #[cfg(test)]

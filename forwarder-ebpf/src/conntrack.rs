@@ -56,6 +56,16 @@ fn config() -> Config {
     }
 }
 
+/// Set by the loader (`--datapath-generation`); read-only to the programs.
+#[unsafe(no_mangle)]
+static DATAPATH_GENERATION: u32 = 0;
+
+#[inline(always)]
+fn generation() -> u16 {
+    // Volatile: the loader patches the value after compilation.
+    unsafe { core::ptr::read_volatile(&DATAPATH_GENERATION) as u16 }
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
@@ -150,7 +160,7 @@ pub fn decide<E: EgressLookup>(
             created_ns: now,
             flags: CT_F_REPLY | CT_F_SNAT,
             state,
-            _pad0: 0,
+            generation: generation(),
             _pad1: 0,
         };
         let (port, rkey) = claim_snat_port(&cfg, hash, be, snat_addr, h.proto, &reply)?;
@@ -167,7 +177,7 @@ pub fn decide<E: EgressLookup>(
             created_ns: now,
             flags: CT_F_REPLY,
             state,
-            _pad0: 0,
+            generation: generation(),
             _pad1: 0,
         };
         if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
@@ -186,7 +196,7 @@ pub fn decide<E: EgressLookup>(
         created_ns: now,
         flags: if snat { CT_F_SNAT } else { 0 },
         state,
-        _pad0: 0,
+        generation: generation(),
         _pad1: 0,
     };
     let flags = if stale_peer.is_some() {
@@ -297,7 +307,7 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 created_ns: entry.created_ns,
                 flags: (entry.flags & CT_F_SNAT) | if is_reply { 0 } else { CT_F_REPLY },
                 state: next,
-                _pad0: 0,
+                generation: entry.generation,
                 _pad1: 0,
             };
             let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);

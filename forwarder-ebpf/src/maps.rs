@@ -4,9 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, IfaceInfo,
-    Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES,
-    MAX_STATS_SLOTS,
+    Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey,
+    IfaceInfo, Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
+    MAX_IFACES, MAX_STATS_SLOTS,
 };
 
 #[map]
@@ -38,3 +38,7 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 #[map]
 pub static SERVICE_LABELS: HashMap<u32, ServiceLabel> =
     HashMap::with_max_entries(MAX_STATS_SLOTS, 0);
+
+/// The daemon's status (see `DaemonStatus`); only userspace reads and writes it.
+#[map]
+pub static STATUS: Array<DaemonStatus> = Array::with_max_entries(1, 0);

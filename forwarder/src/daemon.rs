@@ -16,7 +16,8 @@ use tokio::{
 };
 
 use crate::{
-    datapath::{self, Datapath, Options, XdpModeArg, XdpTxArg},
+    datapath::{self, Datapath, OnExit, Options, XdpModeArg, XdpTxArg},
+    kube_source,
     model::{Desired, NodeContext},
     netdev::Ipv4Cidr,
     plan,
@@ -28,6 +29,11 @@ use crate::{
 #[derive(Clone, Debug)]
 pub enum SourceArg {
     Manifests(PathBuf),
+    /// The Kubernetes API, through this kubeconfig file, else the default
+    /// kubeconfig if there is one, else the in-cluster config (`Config::infer`).
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 pub struct RunArgs {
@@ -41,6 +47,8 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
     pub snat_port_range: Option<(u16, u16)>,
     pub conntrack_entries: u32,
+    pub on_exit: OnExit,
+    pub generation: u32,
 }
 
 /// How often addresses and pod devices are re-checked.
@@ -68,6 +76,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             tokio::spawn(source::watch_manifests(path.clone(), tx));
         }
+        SourceArg::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            tokio::spawn(kube_source::watch_kubernetes(
+                client,
+                tx,
+                kube_source::WatchOptions::default(),
+            ));
+        }
     }
     let opts = Options {
         ifaces: args.ifaces.clone(),
@@ -76,11 +92,37 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir.clone(),
         config,
         conntrack_entries: args.conntrack_entries,
+        generation: args.generation,
     };
     let mut dp = Datapath::load(&opts)?;
-    let result = serve(&mut dp, &args, &config, rx).await;
-    let shutdown = dp.shutdown();
+    let result = serve(&mut dp, &args, &opts, rx).await;
+    let on_exit = if result.is_err() && dp.adopted.is_none() && !dp.attached() {
+        // Nothing was ever forwarding: leave nothing behind.
+        OnExit::Cleanup
+    } else {
+        args.on_exit
+    };
+    let shutdown = dp.shutdown(on_exit);
     result.and(shutdown)
+}
+
+/// A client for `--kubeconfig FILE`, else the inferred configuration
+/// (a kubeconfig from `KUBECONFIG` or `~/.kube/config`, else in-cluster).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (neither in-cluster nor a kubeconfig); use --kubeconfig or --manifests")?,
+    };
+    info!("kubernetes: API server {}", config.cluster_url);
+    kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
 #[derive(Default)]
@@ -93,7 +135,7 @@ struct State {
 async fn serve(
     dp: &mut Datapath,
     args: &RunArgs,
-    config: &Config,
+    opts: &Options,
     mut objects: watch::Receiver<Option<ObjectSet>>,
 ) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -116,29 +158,57 @@ async fn serve(
             }
             _ = tick.tick() => {}
         }
+        let now = datapath::unix_now();
+        if let Err(e) = dp.update_status(|s| s.heartbeat_unix = now) {
+            warn!("{e:#}");
+        }
         let latest = objects.borrow_and_update().clone();
         let Some(set) = latest else {
             continue; // nothing read yet: program nothing rather than an empty state
         };
-        match reconcile(dp, args, &mut state, &set) {
-            Ok(()) if !ready => {
-                ready = true;
-                info!(
-                    "ready: {} frontends programmed on {}",
-                    state.desired.frontends.len(),
-                    args.ifaces.join(",")
-                );
+        let result = reconcile(dp, args, &mut state, &set).and_then(|()| {
+            // Programs go on the external devices (or replace the adopted
+            // ones) only once the maps hold the desired state.
+            if !dp.attached() {
+                dp.attach_external(opts)?;
             }
-            Ok(()) => {}
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                let backends = state
+                    .desired
+                    .frontends
+                    .values()
+                    .map(|f| f.backends.len())
+                    .sum::<usize>();
+                let frontends = state.desired.frontends.len();
+                if let Err(e) = dp.update_status(|s| {
+                    s.programmed_unix = now;
+                    s.frontends = frontends as u32;
+                    s.backends = backends as u32;
+                    s.failures = 0;
+                }) {
+                    warn!("{e:#}");
+                }
+                if !ready {
+                    ready = true;
+                    info!(
+                        "ready: {frontends} frontends programmed on {}",
+                        args.ifaces.join(",")
+                    );
+                }
+            }
             // The datapath keeps what it had; the next tick tries again.
             Err(e) => {
                 state.generation = None;
+                let _ = dp.update_status(|s| s.failures += 1);
                 error!("reconcile failed, keeping the previous state: {e:#}");
             }
         }
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
-            match dp.sweep_conntrack(config) {
+            match dp.sweep_conntrack(&opts.config) {
                 Ok(0) => {}
                 Ok(n) => info!("conntrack: removed {n} idle entries"),
                 Err(e) => warn!("conntrack sweep: {e:#}"),
@@ -152,7 +222,7 @@ async fn serve(
 /// changed, program the difference, follow pod devices.
 fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State, set: &ObjectSet) -> Result<()> {
     let addresses: Vec<Ipv4Addr> = dp
-        .external_addresses()?
+        .external_addresses(&args.ifaces)?
         .into_iter()
         .filter(|a| {
             args.nodeport_addresses.is_empty()

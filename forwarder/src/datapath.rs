@@ -9,15 +9,19 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
+    maps::{MapData, MapType},
     programs::{
-        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType,
-        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use forwarder_common::{
-    map_names, program_names, Config, CtEntry, CtKey, IfaceInfo, CT_F_REPLY, IFACE_F_EXTERNAL,
-    IFACE_F_VETH_PEER, IFACE_F_XDP_TX,
+    map_names, program_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus,
+    Frontend, FrontendKey, IfaceInfo, Reason, ServiceLabel, CT_F_REPLY, GENERATION_GLOBAL,
+    IFACE_F_EXTERNAL, IFACE_F_TC_ONLY, IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC, IFACE_F_XDP_TX,
 };
 use log::{info, warn};
 
@@ -29,7 +33,7 @@ use crate::{
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeArg {
-    /// Native (driver) mode, falling back to generic where the driver refuses.
+    /// Native (driver) mode, then generic, then tc only where the device refuses XDP.
     Auto,
     Native,
     Generic,
@@ -51,21 +55,63 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub config: Config,
     pub conntrack_entries: u32,
+    /// Patched into the programs' read-only data (`--datapath-generation`).
+    pub generation: u32,
 }
 
-/// The mode an interface ended up in.
+/// How an external interface is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
     Native,
     Generic,
+    /// The device refused XDP: tc ingress does everything.
+    TcOnly,
+}
+
+impl Attached {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+            Attached::TcOnly => "tc-only",
+        }
+    }
+
+    pub const fn from_flags(flags: u32) -> Self {
+        if flags & IFACE_F_TC_ONLY != 0 {
+            Attached::TcOnly
+        } else if flags & IFACE_F_XDP_GENERIC != 0 {
+            Attached::Generic
+        } else {
+            Attached::Native
+        }
+    }
+}
+
+/// A program attachment held through a pinned bpf link: it stays attached
+/// when the daemon exits, and a new daemon adopts it.
+struct PinnedAttachment {
+    /// Keeps our handle; the pin keeps the link itself alive.
+    _link: FdLink,
+    pin: PathBuf,
 }
 
 struct External {
     name: String,
     ifindex: u32,
-    _xdp: XdpLinkId,
     mode: Attached,
-    _tc: SchedClassifierLinkId,
+    _xdp: Option<PinnedAttachment>,
+    _tc: PinnedAttachment,
+}
+
+/// What happens to the datapath when the daemon stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave programs attached and maps pinned: forwarding goes on, and the
+    /// next daemon adopts them (rolling updates, crashes).
+    KeepForwarding,
+    /// Detach everything and remove the pins: traffic goes back to kube-proxy.
+    Cleanup,
 }
 
 pub struct Datapath {
@@ -74,7 +120,10 @@ pub struct Datapath {
     pin_dir: PathBuf,
     external: Vec<External>,
     /// Pod-facing devices with our tc program, by ifindex.
-    pod_devices: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    pod_devices: BTreeMap<u32, (String, PinnedAttachment)>,
+    /// The previous daemon's status, if we adopted a running datapath.
+    pub adopted: Option<DaemonStatus>,
+    pub object_hash: u64,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -108,11 +157,25 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
                 nix::mount::MsFlags::empty(),
                 None::<&str>,
             )
-            .with_context(|| format!("mounting bpffs on {}", target.display()))?;
+            .with_context(|| {
+                format!(
+                    "bpffs is not mounted and mounting it on {} failed",
+                    target.display()
+                )
+            })?;
             info!("mounted bpffs on {}", target.display());
         }
     }
-    fs::create_dir_all(pin_dir).with_context(|| format!("creating pin dir {}", pin_dir.display()))
+    fs::create_dir_all(links_dir(pin_dir))
+        .with_context(|| format!("creating pin dir {}", pin_dir.display()))
+}
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
+    links_dir(pin_dir).join(format!("{kind}-{ifname}"))
 }
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -150,6 +213,14 @@ pub fn check_privileges() -> Result<()> {
     Ok(())
 }
 
+/// Fails with one clear line on a kernel without what the programs need.
+pub fn check_kernel() -> Result<()> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): forwarder needs a kernel built with CONFIG_DEBUG_INFO_BTF, 6.6 or newer");
+    }
+    Ok(())
+}
+
 /// Turns the kernel's answer to a load into one line an operator can act on.
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let text = format!("{e:#}");
@@ -160,14 +231,96 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     }
 }
 
+/// (type, key size, value size) each pinned map must have to be reused.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
+    use std::mem::size_of;
+    let u32s = size_of::<u32>() as u32;
+    Some(match name {
+        map_names::FRONTENDS => (
+            MapType::Hash,
+            size_of::<FrontendKey>() as u32,
+            size_of::<Frontend>() as u32,
+        ),
+        map_names::BACKENDS => (
+            MapType::Hash,
+            size_of::<BackendKey>() as u32,
+            size_of::<Backend>() as u32,
+        ),
+        map_names::CONNTRACK => (
+            MapType::LruHash,
+            size_of::<CtKey>() as u32,
+            size_of::<CtEntry>() as u32,
+        ),
+        map_names::IFACES => (MapType::Hash, u32s, size_of::<IfaceInfo>() as u32),
+        map_names::CONFIG => (MapType::Array, u32s, size_of::<Config>() as u32),
+        map_names::SERVICE_STATS => (MapType::PerCpuArray, u32s, size_of::<Counters>() as u32),
+        map_names::REASON_STATS => (MapType::PerCpuArray, u32s, size_of::<u64>() as u32),
+        map_names::SERVICE_LABELS => (MapType::Hash, u32s, size_of::<ServiceLabel>() as u32),
+        map_names::STATUS => (MapType::Array, u32s, size_of::<DaemonStatus>() as u32),
+        _ => return None,
+    })
+}
+
+/// Unpins maps left by another version whose layout differs, so they are
+/// created anew (their state is rebuilt; counters restart). Compatible pins
+/// are kept and reused: flows and counters survive restarts and upgrades.
+fn retire_incompatible_pins(pin_dir: &Path) -> Result<()> {
+    for name in map_names::ALL {
+        let path = pin_path(pin_dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let Some((ty, key, value)) = expected_layout(name) else {
+            continue;
+        };
+        let compatible = MapData::from_pin(&path)
+            .ok()
+            .and_then(|m| m.info().ok())
+            .is_some_and(|info| {
+                info.map_type().ok() == Some(ty)
+                    && info.key_size() == key
+                    && info.value_size() == value
+                    && (name != map_names::REASON_STATS || info.max_entries() >= Reason::COUNT)
+            });
+        if !compatible {
+            warn!(
+                "pinned map {} has another layout (an older version?): creating it anew",
+                path.display()
+            );
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Identifies the programs as loaded: the embedded object and what the
+/// loader patches into it.
+pub fn object_hash(generation: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    crate::EBPF_OBJECT.hash(&mut h);
+    generation.hash(&mut h);
+    h.finish()
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl Datapath {
+    /// Loads the object with its maps pinned (reusing compatible pins) and
+    /// the programs verified. Nothing is attached yet: see [`Self::attach_external`].
     pub fn load(opts: &Options) -> Result<Self> {
+        check_kernel()?;
         // Check the interfaces first: it is the likeliest mistake.
-        let mut ifindexes = Vec::new();
         for name in &opts.ifaces {
-            ifindexes.push(netdev::ifindex(name)?);
+            netdev::ifindex(name)?;
         }
         ensure_bpffs(&opts.pin_dir)?;
+        retire_incompatible_pins(&opts.pin_dir)?;
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -177,102 +330,175 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_entries);
+        loader.override_global(GENERATION_GLOBAL, &opts.generation, true);
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(explain_load_error)?;
         let mut maps = Maps::take(&mut ebpf)?;
+        let ct_size = MapData::from_pin(pin_path(&opts.pin_dir, map_names::CONNTRACK))
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .unwrap_or(0);
+        if ct_size != opts.conntrack_entries {
+            warn!(
+                "the pinned conntrack table holds {ct_size} entries, not the {} asked for: keeping it (and its flows); `forwarder uninstall` to resize",
+                opts.conntrack_entries
+            );
+        }
         maps.config
             .set(0, opts.config, 0)
             .context("writing the datapath config")?;
+        let previous = maps.status.get(&0, 0).ok().filter(|s| s.started_unix != 0);
+        let object_hash = object_hash(opts.generation);
+        match &previous {
+            Some(p) if p.object_hash == object_hash => {
+                info!("adopting the datapath left by pid {} (same eBPF object)", p.pid)
+            }
+            Some(p) => info!(
+                "adopting the datapath left by pid {}: its eBPF object {:016x} is replaced by {object_hash:016x}",
+                p.pid, p.object_hash
+            ),
+            None => {}
+        }
+        let status = DaemonStatus {
+            object_hash,
+            started_unix: unix_now(),
+            heartbeat_unix: unix_now(),
+            pid: std::process::id(),
+            ..previous.unwrap_or_default()
+        };
+        maps.status.set(0, status, 0).context("writing STATUS")?;
 
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
         tc.load().context("loading the tc program (verifier)")?;
 
-        let mut dp = Datapath {
+        Ok(Datapath {
             ebpf,
             maps,
             pin_dir: opts.pin_dir.clone(),
             external: Vec::new(),
             pod_devices: BTreeMap::new(),
-        };
-        for (name, ifindex) in opts.ifaces.iter().zip(ifindexes) {
-            dp.attach_external(name, ifindex, opts)?;
-        }
-        Ok(dp)
+            adopted: previous,
+            object_hash,
+        })
     }
 
-    fn attach_external(&mut self, name: &str, ifindex: u32, opts: &Options) -> Result<()> {
+    /// Attaches (or, after a restart, atomically replaces the programs of)
+    /// XDP and tc ingress on every `--iface`.
+    pub fn attach_external(&mut self, opts: &Options) -> Result<()> {
+        for name in &opts.ifaces {
+            if self.external.iter().any(|e| &e.name == name) {
+                continue;
+            }
+            let ifindex = netdev::ifindex(name)?;
+            self.attach_one_external(name, ifindex, opts)?;
+        }
+        Ok(())
+    }
+
+    fn attach_one_external(&mut self, name: &str, ifindex: u32, opts: &Options) -> Result<()> {
         let addrs = netdev::ipv4_addresses(name)?;
         let snat_addr = addrs.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
         if addrs.is_empty() {
             warn!("{name} has no IPv4 address: remote backends cannot be source-NATed from it");
         }
         let kind = netdev::kind(name);
-        // Entries first, so the programs see a configured device from their first packet.
-        let mut info = IfaceInfo {
+        let previous = self.maps.ifaces.get(&ifindex, 0).ok();
+        let xdp_pin = link_pin(&self.pin_dir, "xdp", name);
+        let wanted = match opts.xdp_mode {
+            XdpModeArg::Auto => None,
+            XdpModeArg::Native => Some(Attached::Native),
+            XdpModeArg::Generic => Some(Attached::Generic),
+        };
+        // A kept link keeps its mode: re-create it if another mode is asked for.
+        if let (Some(prev), Some(want)) = (previous, wanted) {
+            if Attached::from_flags(prev.flags) != want && xdp_pin.exists() {
+                info!(
+                    "{name}: switching XDP from {} to {} mode",
+                    Attached::from_flags(prev.flags).name(),
+                    want.name()
+                );
+                unpin_link(&xdp_pin);
+            }
+        }
+        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
+        let (xdp_link, mode) = match adopt_xdp(xdp, &xdp_pin)? {
+            Some(link) => {
+                let mode = previous.map_or(Attached::Native, |p| Attached::from_flags(p.flags));
+                (Some(link), mode)
+            }
+            None => match opts.xdp_mode {
+                XdpModeArg::Native => (
+                    Some(attach_xdp(xdp, ifindex, name, XdpMode::Driver, &xdp_pin)?),
+                    Attached::Native,
+                ),
+                XdpModeArg::Generic => (
+                    Some(attach_xdp(xdp, ifindex, name, XdpMode::Skb, &xdp_pin)?),
+                    Attached::Generic,
+                ),
+                XdpModeArg::Auto => match attach_xdp(xdp, ifindex, name, XdpMode::Driver, &xdp_pin)
+                {
+                    Ok(link) => (Some(link), Attached::Native),
+                    Err(e) if is_foreign_program(&e) => return Err(e),
+                    Err(e) => {
+                        warn!("{name}: native XDP refused ({e:#}); trying generic XDP");
+                        match attach_xdp(xdp, ifindex, name, XdpMode::Skb, &xdp_pin) {
+                            Ok(link) => (Some(link), Attached::Generic),
+                            Err(e) if is_foreign_program(&e) => return Err(e),
+                            Err(e) => {
+                                warn!("{name}: XDP refused altogether ({e:#}); tc ingress does all the work");
+                                (None, Attached::TcOnly)
+                            }
+                        }
+                    }
+                },
+            },
+        };
+        let xdp_tx = mode != Attached::TcOnly
+            && match opts.xdp_tx {
+                XdpTxArg::On => true,
+                XdpTxArg::Off => false,
+                XdpTxArg::Auto => !(mode == Attached::Native && kind == DeviceKind::Veth),
+            };
+        let mut flags = IFACE_F_EXTERNAL;
+        if xdp_tx {
+            flags |= IFACE_F_XDP_TX;
+        }
+        match mode {
+            Attached::Generic => flags |= IFACE_F_XDP_GENERIC,
+            Attached::TcOnly => flags |= IFACE_F_TC_ONLY,
+            Attached::Native => {}
+        }
+        let info = IfaceInfo {
             snat_addr_be: u32::from_ne_bytes(snat_addr.octets()),
-            flags: IFACE_F_EXTERNAL,
+            flags,
         };
         self.maps
             .ifaces
             .insert(ifindex, info, 0)
             .context("writing IFACES")?;
-
-        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
-        let (link, mode) = match opts.xdp_mode {
-            XdpModeArg::Native => (
-                attach_xdp(xdp, ifindex, name, XdpMode::Driver)?,
-                Attached::Native,
-            ),
-            XdpModeArg::Generic => (
-                attach_xdp(xdp, ifindex, name, XdpMode::Skb)?,
-                Attached::Generic,
-            ),
-            XdpModeArg::Auto => match attach_xdp(xdp, ifindex, name, XdpMode::Driver) {
-                Ok(link) => (link, Attached::Native),
-                Err(e) => {
-                    warn!("{name}: native XDP refused ({e:#}); using generic XDP");
-                    (
-                        attach_xdp(xdp, ifindex, name, XdpMode::Skb)?,
-                        Attached::Generic,
-                    )
-                }
-            },
-        };
-        let xdp_tx = match opts.xdp_tx {
-            XdpTxArg::On => true,
-            XdpTxArg::Off => false,
-            XdpTxArg::Auto => !(mode == Attached::Native && kind == DeviceKind::Veth),
-        };
-        if xdp_tx {
-            info.flags |= IFACE_F_XDP_TX;
-            self.maps
-                .ifaces
-                .insert(ifindex, info, 0)
-                .context("writing IFACES")?;
-        }
         let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-        let tc_link = tc
-            .attach(name, TcAttachType::Ingress)
-            .with_context(|| format!("attaching tc ingress to {name}"))?;
+        let tc_link = attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name))?;
         info!(
-            "{name}: XDP attached ({}), XDP transmit {}, tc ingress attached, source-NAT address {snat_addr}",
-            match mode {
-                Attached::Native => "native",
-                Attached::Generic => "generic",
-            },
+            "{name}: XDP {}, XDP transmit {}, tc ingress attached, source-NAT address {snat_addr}",
+            mode.name(),
             if xdp_tx { "on" } else { "off (tc forwards)" },
         );
         self.external.push(External {
             name: name.to_string(),
             ifindex,
-            _xdp: link,
             mode,
+            _xdp: xdp_link,
             _tc: tc_link,
         });
         Ok(())
+    }
+
+    /// Whether the external interfaces are attached yet.
+    pub fn attached(&self) -> bool {
+        !self.external.is_empty()
     }
 
     /// The external interfaces and the XDP mode each got.
@@ -284,12 +510,19 @@ impl Datapath {
     }
 
     /// IPv4 addresses of the external interfaces (nodePort candidates).
-    pub fn external_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+    pub fn external_addresses(&self, ifaces: &[String]) -> Result<Vec<Ipv4Addr>> {
         let mut out = Vec::new();
-        for e in &self.external {
-            out.extend(netdev::ipv4_addresses(&e.name)?);
+        for name in ifaces {
+            out.extend(netdev::ipv4_addresses(name)?);
         }
         Ok(out)
+    }
+
+    /// Records what the daemon did in the pinned status map.
+    pub fn update_status(&mut self, f: impl FnOnce(&mut DaemonStatus)) -> Result<()> {
+        let mut s = self.maps.status.get(&0, 0).unwrap_or_default();
+        f(&mut s);
+        self.maps.status.set(0, s, 0).context("writing STATUS")
     }
 
     /// Attaches tc ingress to the devices that lead to `local_pods` (replies
@@ -298,12 +531,18 @@ impl Datapath {
     pub fn sync_pod_devices(&mut self, local_pods: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>> {
         let routes = netdev::routes()?;
         let external: BTreeSet<u32> = self.external.iter().map(|e| e.ifindex).collect();
+        let external_names: BTreeSet<&str> =
+            self.external.iter().map(|e| e.name.as_str()).collect();
         let mut wanted: BTreeMap<u32, (String, DeviceKind)> = BTreeMap::new();
         for pod in local_pods {
             let Some(dev) = netdev::route_device(&routes, *pod) else {
                 warn!("no route to local pod {pod}: its replies cannot be translated");
                 continue;
             };
+            if external_names.contains(dev) {
+                warn!("local pod {pod} is routed through external interface {dev}: its replies are handled there");
+                continue;
+            }
             let kind = netdev::kind(dev);
             let devices = if kind == DeviceKind::Bridge {
                 // Catch replies on the bridge ports, before the bridge (and
@@ -335,23 +574,19 @@ impl Datapath {
             .copied()
             .collect();
         for ifindex in gone {
-            if let Some((name, link)) = self.pod_devices.remove(&ifindex) {
-                let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-                // The device may already be gone with its pod; the link with it.
-                if let Err(e) = tc.detach(link) {
-                    log::debug!("detaching tc from {name}: {e}");
-                }
+            if let Some((name, attachment)) = self.pod_devices.remove(&ifindex) {
+                unpin_link(&attachment.pin);
                 let _ = self.maps.ifaces.remove(&ifindex);
                 info!("{name}: tc ingress detached (no local backend behind it)");
             }
         }
-        for (ifindex, (name, kind)) in wanted {
-            if self.pod_devices.contains_key(&ifindex) {
+        for (ifindex, (name, kind)) in &wanted {
+            if self.pod_devices.contains_key(ifindex) {
                 continue;
             }
             let info = IfaceInfo {
                 snat_addr_be: 0,
-                flags: if kind == DeviceKind::Veth {
+                flags: if *kind == DeviceKind::Veth {
                     IFACE_F_VETH_PEER
                 } else {
                     0
@@ -362,15 +597,54 @@ impl Datapath {
                 .insert(ifindex, info, 0)
                 .context("writing IFACES")?;
             let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-            match tc.attach(&name, TcAttachType::Ingress) {
-                Ok(link) => {
+            match attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name)) {
+                Ok(attachment) => {
                     info!("{name}: tc ingress attached (local pods' replies)");
-                    self.pod_devices.insert(ifindex, (name, link));
+                    self.pod_devices
+                        .insert(*ifindex, (name.clone(), attachment));
                 }
                 Err(e) => {
-                    let _ = self.maps.ifaces.remove(&ifindex);
+                    let _ = self.maps.ifaces.remove(ifindex);
                     warn!("{name}: attaching tc ingress failed: {e:#}");
                 }
+            }
+        }
+        // Leftovers of an earlier daemon: links to devices no longer wanted,
+        // interface entries of devices that are gone.
+        let keep_names: BTreeSet<String> = self
+            .pod_devices
+            .values()
+            .map(|(n, _)| format!("tc-{n}"))
+            .chain(
+                self.external
+                    .iter()
+                    .flat_map(|e| [format!("tc-{}", e.name), format!("xdp-{}", e.name)]),
+            )
+            .collect();
+        if !self.external.is_empty() {
+            if let Ok(rd) = fs::read_dir(links_dir(&self.pin_dir)) {
+                for entry in rd.flatten() {
+                    let file = entry.file_name().to_string_lossy().into_owned();
+                    if !keep_names.contains(&file) {
+                        info!("removing leftover link {file}");
+                        unpin_link(&entry.path());
+                    }
+                }
+            }
+            let known: BTreeSet<u32> = external
+                .iter()
+                .chain(self.pod_devices.keys())
+                .copied()
+                .collect();
+            let stale: Vec<u32> = self
+                .maps
+                .ifaces
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !known.contains(k))
+                .collect();
+            for k in stale {
+                let _ = self.maps.ifaces.remove(&k);
             }
         }
         Ok(self.pod_devices.values().map(|(n, _)| n.clone()).collect())
@@ -417,50 +691,177 @@ impl Datapath {
         self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
-    /// Detaches every program and removes the pins: the node is left as it was.
-    pub fn shutdown(self) -> Result<()> {
+    /// Stops the daemon's part: by default the datapath stays in place.
+    pub fn shutdown(self, on_exit: OnExit) -> Result<()> {
         let Datapath {
             ebpf,
-            maps,
+            mut maps,
             pin_dir,
             external,
             pod_devices,
+            ..
         } = self;
-        drop(external);
-        drop(pod_devices);
-        drop(maps);
-        // Dropping the object detaches every link it still owns.
-        drop(ebpf);
-        for name in map_names::ALL {
-            let path = pin_path(&pin_dir, name);
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!("removing pin {}: {e}", path.display());
+        match on_exit {
+            OnExit::KeepForwarding => {
+                if let Ok(mut s) = maps.status.get(&0, 0) {
+                    s.heartbeat_unix = 0;
+                    let _ = maps.status.set(0, s, 0);
                 }
+                drop((external, pod_devices, maps, ebpf));
+                info!(
+                    "left the datapath in place (pinned under {}): a new daemon adopts it; `forwarder uninstall` removes it",
+                    pin_dir.display()
+                );
+                Ok(())
+            }
+            OnExit::Cleanup => {
+                drop((external, pod_devices, maps, ebpf));
+                uninstall(&pin_dir)
             }
         }
-        if let Err(e) = fs::remove_dir(&pin_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!("removing {}: {e}", pin_dir.display());
-            }
-        }
-        info!(
-            "detached from every device and removed the pins in {}",
-            pin_dir.display()
-        );
-        Ok(())
     }
 }
 
-fn attach_xdp(xdp: &mut Xdp, ifindex: u32, name: &str, mode: XdpMode) -> Result<XdpLinkId> {
-    xdp.attach_to_if_index(ifindex, mode).map_err(|e| match &e {
+/// Detaches every program we pinned and removes every pin under `pin_dir`:
+/// the node is left as it was, and kube-proxy handles all traffic again.
+/// Works without a daemon.
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    let mut detached = 0;
+    if let Ok(rd) = fs::read_dir(links_dir(pin_dir)) {
+        for entry in rd.flatten() {
+            unpin_link(&entry.path());
+            detached += 1;
+        }
+    }
+    let _ = fs::remove_dir(links_dir(pin_dir));
+    for name in map_names::ALL {
+        let path = pin_path(pin_dir, name);
+        if let Err(e) = fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("removing pin {}: {e}", path.display());
+            }
+        }
+    }
+    if let Err(e) = fs::remove_dir(pin_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            bail!(
+                "removing {}: {e} (something else is pinned there?)",
+                pin_dir.display()
+            );
+        }
+    }
+    info!(
+        "detached {detached} program attachments and removed the pins in {}",
+        pin_dir.display()
+    );
+    Ok(())
+}
+
+/// Removes a link's pin; once our handle is gone too the link detaches.
+fn unpin_link(pin: &Path) {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            if let Err(e) = link.unpin() {
+                warn!("unpinning {}: {e}", pin.display());
+            }
+        }
+        Err(_) => {
+            let _ = fs::remove_file(pin);
+        }
+    }
+}
+
+/// Takes over a pinned XDP link, swapping in our program atomically.
+fn adopt_xdp(xdp: &mut Xdp, pin: &Path) -> Result<Option<PinnedAttachment>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let adopted = (|| -> Result<FdLink> {
+        let fd: FdLink = PinnedLink::from_pin(pin)?.into();
+        let id = xdp.attach_to_link(XdpLink::try_from(fd)?)?;
+        Ok(FdLink::try_from(xdp.take_link(id)?)?)
+    })();
+    match adopted {
+        Ok(link) => Ok(Some(PinnedAttachment {
+            _link: link,
+            pin: pin.to_path_buf(),
+        })),
+        Err(e) => {
+            // E.g. the device was re-created: the old link is defunct.
+            warn!(
+                "{}: cannot adopt the pinned XDP link ({e:#}); attaching anew",
+                pin.display()
+            );
+            let _ = fs::remove_file(pin);
+            Ok(None)
+        }
+    }
+}
+
+fn is_foreign_program(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("another XDP program is already attached")
+}
+
+fn attach_xdp(
+    xdp: &mut Xdp,
+    ifindex: u32,
+    name: &str,
+    mode: XdpMode,
+    pin: &Path,
+) -> Result<PinnedAttachment> {
+    let id = xdp.attach_to_if_index(ifindex, mode).map_err(|e| match &e {
         ProgramError::SyscallError(s)
-            if s.io_error.raw_os_error() == Some(libc::EBUSY)
-                || s.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            if matches!(s.io_error.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST)) =>
         {
-            anyhow!("{name}: another XDP program is already attached; refusing to replace it")
+            anyhow!("{name}: another XDP program is already attached; refusing to replace it (detach it first)")
         }
         _ => anyhow!(e).context(format!("attaching XDP ({mode:?} mode) to {name}")),
+    })?;
+    let link = FdLink::try_from(xdp.take_link(id)?).map_err(|_| {
+        anyhow!("{name}: the kernel attached XDP without a bpf link (needs Linux >= 5.9)")
+    })?;
+    pin_attachment(link, pin)
+}
+
+/// Attaches tc ingress through tcx, adopting a pinned link if there is one.
+fn attach_tc(tc: &mut SchedClassifier, name: &str, pin: &Path) -> Result<PinnedAttachment> {
+    if pin.exists() {
+        let adopted = (|| -> Result<FdLink> {
+            let fd: FdLink = PinnedLink::from_pin(pin)?.into();
+            let id = tc.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
+            Ok(FdLink::try_from(tc.take_link(id)?)?)
+        })();
+        match adopted {
+            Ok(link) => {
+                return Ok(PinnedAttachment {
+                    _link: link,
+                    pin: pin.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                warn!(
+                    "{}: cannot adopt the pinned tc link ({e:#}); attaching anew",
+                    pin.display()
+                );
+                let _ = fs::remove_file(pin);
+            }
+        }
+    }
+    let id = tc
+        .attach(name, TcAttachType::Ingress)
+        .with_context(|| format!("attaching tc ingress to {name}"))?;
+    let link = FdLink::try_from(tc.take_link(id)?)
+        .map_err(|_| anyhow!("{name}: tc attached without tcx (needs Linux >= 6.6)"))?;
+    pin_attachment(link, pin)
+}
+
+fn pin_attachment(link: FdLink, pin: &Path) -> Result<PinnedAttachment> {
+    let pinned = link
+        .pin(pin)
+        .with_context(|| format!("pinning link at {}", pin.display()))?;
+    Ok(PinnedAttachment {
+        _link: pinned.into(),
+        pin: pin.to_path_buf(),
     })
 }
 

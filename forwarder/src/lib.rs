@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod datapath;
+pub mod kube_source;
 pub mod manifest;
 pub mod maps;
 pub mod model;

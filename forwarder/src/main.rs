@@ -4,7 +4,7 @@ use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use forwarder::{
     daemon::{self, RunArgs, SourceArg},
-    datapath::{XdpModeArg, XdpTxArg},
+    datapath::{self, OnExit, XdpModeArg, XdpTxArg},
     netdev::Ipv4Cidr,
     stats,
     translate::ServiceSelection,
@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to the interfaces and forward NodePort traffic for the Services in the manifests.
+    /// Attach to the interfaces and forward NodePort traffic for the Services in the
+    /// Kubernetes API (or in manifest files).
     Run {
         /// Interfaces that face clients (comma-separated).
         #[arg(long, value_delimiter = ',', required = true)]
@@ -29,8 +30,13 @@ enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
         /// Service and EndpointSlice manifests (YAML or JSON): a file or a directory. Reloaded on change.
+        /// Without it, Services and EndpointSlices are watched in the Kubernetes API.
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Kubeconfig file for the Kubernetes API (default: $KUBECONFIG or ~/.kube/config
+        /// if there is one, else the in-cluster service account).
+        #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
         /// Which Services to accelerate: all (except those annotated
         /// forwarder.dev/accelerate: "false"), or only those annotated "true".
         #[arg(long, value_enum, default_value = "all")]
@@ -52,6 +58,20 @@ enum Command {
         /// Capacity of the conntrack table (entries; a flow takes two).
         #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
+        /// On SIGTERM/SIGINT detach everything and remove the pins. By default
+        /// the datapath stays in place so restarts and upgrades drop nothing.
+        #[arg(long)]
+        cleanup_on_exit: bool,
+        /// A number patched into the programs' read-only data (and recorded in
+        /// new flows): loading another value is an upgrade to a different
+        /// eBPF object, which restart tests use.
+        #[arg(long, default_value_t = 0, hide = true)]
+        datapath_generation: u32,
+    },
+    /// Detach every program and remove the pins: kube-proxy handles all traffic again.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
     },
     /// Print the datapath's counters from the pinned maps.
     Stats {
@@ -102,6 +122,7 @@ fn real_main() -> Result<()> {
             iface,
             node_name,
             manifests,
+            kubeconfig,
             services,
             xdp_mode,
             xdp_tx,
@@ -109,6 +130,8 @@ fn real_main() -> Result<()> {
             pin_dir,
             snat_port_range,
             conntrack_entries,
+            cleanup_on_exit,
+            datapath_generation,
         } => {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
@@ -119,7 +142,10 @@ fn real_main() -> Result<()> {
             rt.block_on(daemon::run(RunArgs {
                 ifaces: iface,
                 node_name,
-                source: SourceArg::Manifests(manifests),
+                source: match manifests {
+                    Some(path) => SourceArg::Manifests(path),
+                    None => SourceArg::Kubernetes { kubeconfig },
+                },
                 services: match services {
                     Services::All => ServiceSelection::All,
                     Services::Annotated => ServiceSelection::Annotated,
@@ -130,7 +156,17 @@ fn real_main() -> Result<()> {
                 pin_dir,
                 snat_port_range,
                 conntrack_entries,
+                generation: datapath_generation,
+                on_exit: if cleanup_on_exit {
+                    OnExit::Cleanup
+                } else {
+                    OnExit::KeepForwarding
+                },
             }))
+        }
+        Command::Uninstall { pin_dir } => {
+            datapath::check_privileges()?;
+            datapath::uninstall(&pin_dir)
         }
         Command::Stats { pin_dir, output } => stats::run(&pin_dir, matches!(output, Output::Json)),
     }

@@ -8,8 +8,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use forwarder_common::{
-    map_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey,
-    IfaceInfo, Reason, ServiceLabel,
+    map_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus, Frontend,
+    FrontendKey, IfaceInfo, Reason, ServiceLabel,
 };
 
 use crate::plan::{Op, Snapshot};
@@ -23,6 +23,7 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub reason_stats: PerCpuArray<MapData, u64>,
     pub service_labels: HashMap<MapData, u32, ServiceLabel>,
+    pub status: Array<MapData, DaemonStatus>,
 }
 
 fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T> {
@@ -45,6 +46,7 @@ impl Maps {
             service_stats: typed(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
             reason_stats: typed(take(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(take(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
+            status: typed(take(map_names::STATUS)?, map_names::STATUS)?,
         })
     }
 
@@ -70,6 +72,7 @@ impl Maps {
             service_stats: typed(open(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
             reason_stats: typed(open(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(open(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
+            status: typed(open(map_names::STATUS)?, map_names::STATUS)?,
         })
     }
 

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::netns;
 
@@ -224,18 +224,71 @@ impl Daemon {
         let log = opts
             .log_dir
             .join(format!("forwarder-{}.log", opts.node_name));
-        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let log_out = log_file.try_clone().context("duplicating the log fd")?;
-
         let anchor = Anchor::start(ns)?;
-        let mut cmd = anchor.command(&bin);
+        let mut daemon = Daemon {
+            child: None,
+            anchor,
+            ns: ns.to_string(),
+            pin_dir,
+            log,
+            bin,
+        };
+        daemon.spawn(opts)?;
+        Ok(daemon)
+    }
+
+    /// Starts `forwarder run` again on the same node, pin dir and mount
+    /// namespace (after [`Daemon::stop`] or [`Daemon::kill`]): a restart, or
+    /// an upgrade when `opts` differ. Waits for its `ready` line.
+    pub fn restart(&mut self, opts: &DaemonOptions) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait()?.is_none() {
+                self.child = Some(child);
+                bail!("restart: the previous forwarder is still running");
+            }
+        }
+        self.spawn(opts)
+    }
+
+    /// SIGKILL, as the OOM killer or a node drain would: nothing is cleaned up.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing forwarder")?;
+            child.wait().context("reaping forwarder")?;
+        }
+        Ok(())
+    }
+
+    /// `forwarder uninstall` on the daemon's pin dir (no daemon needed).
+    pub fn uninstall(&self) -> Result<()> {
+        let pin = self.pin_dir.to_string_lossy().into_owned();
+        let out = self.forwarder(&["uninstall", "--pin-dir", &pin])?;
+        ensure!(
+            out.status.success(),
+            "forwarder uninstall failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn spawn(&mut self, opts: &DaemonOptions) -> Result<()> {
+        // Each run appends to the log; `ready` is awaited after what is there.
+        let skip = self.log_lines();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let log_out = log_file.try_clone().context("duplicating the log fd")?;
+        let mut cmd = self.anchor.command(&self.bin);
         cmd.arg("run")
             .args(["--iface", &opts.iface])
             .args(["--node-name", &opts.node_name])
             .arg("--manifests")
             .arg(&opts.manifests)
             .arg("--pin-dir")
-            .arg(&pin_dir);
+            .arg(&self.pin_dir);
         if let Some(mode) = &opts.xdp_mode {
             cmd.args(["--xdp-mode", mode]);
         }
@@ -253,17 +306,9 @@ impl Daemon {
             .stderr(log_file);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {cmd:?} in {ns}"))?;
-        let mut daemon = Daemon {
-            child: Some(child),
-            anchor,
-            ns: ns.to_string(),
-            pin_dir,
-            log,
-            bin,
-        };
-        daemon.wait_for_log("ready", opts.ready_timeout)?;
-        Ok(daemon)
+            .with_context(|| format!("starting {cmd:?} in {}", self.ns))?;
+        self.child = Some(child);
+        self.wait_for_log_after("ready", skip, opts.ready_timeout)
     }
 
     /// The node namespace the daemon runs in.

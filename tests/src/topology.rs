@@ -640,6 +640,31 @@ impl Cluster {
         Ok(lines.iter().map(|l| HttpReply::parse(l)).collect())
     }
 
+    /// Paced HTTP GETs from the client, one every `interval_ms`: over one
+    /// kept-alive connection when `keep_alive`, else each on its own
+    /// connection. For traffic that spans a restart or a reload.
+    pub fn http_paced(
+        &self,
+        url: &str,
+        count: usize,
+        interval_ms: u64,
+        keep_alive: bool,
+    ) -> Result<Vec<std::result::Result<HttpReply, String>>> {
+        let mut args = vec![
+            "http-get".into(),
+            url.into(),
+            "--count".into(),
+            count.to_string(),
+            "--interval-ms".into(),
+            interval_ms.to_string(),
+        ];
+        if keep_alive {
+            args.push("--keep-alive".into());
+        }
+        let (lines, _) = self.podserver_client(self.client_ns(), &args)?;
+        Ok(lines.iter().map(|l| HttpReply::parse(l)).collect())
+    }
+
     /// `count` datagrams from namespace `ns` to `addr` over one connected
     /// UDP socket; fails unless every one got a reply within 1 s.
     pub fn udp_request_from(

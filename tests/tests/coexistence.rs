@@ -309,12 +309,32 @@ fn coexistence(backend: Backend) -> Result<()> {
             daemon.log()
         );
     }
+    // A plain stop leaves our datapath forwarding (restarts drop nothing);
+    // uninstall, while requests keep coming, hands everything back.
     daemon.stop().context("stopping the forwarder")?;
+    let url = cluster.node_url(1);
+    let during = std::thread::scope(|s| -> Result<_> {
+        let requests = s.spawn(|| cluster.http_paced(&url, 30, 50, false));
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        daemon.uninstall().context("forwarder uninstall")?;
+        requests
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))?
+    })?;
+    let failed: Vec<_> = during.iter().filter_map(|r| r.as_ref().err()).collect();
+    ensure!(
+        during.len() == 30 && failed.is_empty(),
+        "new requests failed during uninstall: {failed:?} ({} answered)",
+        during.len()
+    );
 
     // 3. iptables again.
     zero_counters(&node1, backend)?;
-    traffic(&cluster, Path::Iptables).context("after the forwarder stopped")?;
-    check_iptables_carried("after the forwarder stopped", watched(&node1, backend)?)?;
+    traffic(&cluster, Path::Iptables).context("after the forwarder was uninstalled")?;
+    check_iptables_carried(
+        "after the forwarder was uninstalled",
+        watched(&node1, backend)?,
+    )?;
     Ok(())
 }
 

@@ -660,7 +660,9 @@ fn daemon_stop_cleans_up() -> Result<()> {
     let cluster = build(PodNet::RoutedVeth, true, 1)?;
     let pods: Vec<_> = cluster.pods().iter().collect();
     cluster.write_service(SERVICE, &pods)?;
-    let mut daemon = start(&cluster, None)?;
+    let mut options: DaemonOptions = cluster.daemon_options(1);
+    options.extra_args.push("--cleanup-on-exit".into());
+    let mut daemon = cluster.start_forwarder(1, &options)?;
     let node = cluster.node_ns(1).to_string();
     explain(
         &daemon,

@@ -4,7 +4,7 @@
 //! ```text
 //! podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]
 //! podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]
-//! podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000]
+//! podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]
 //! ```
 //!
 //! `serve` answers HTTP/1.1 `GET /productpage` with 200, a small HTML page
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 fn usage() -> String {
     "usage:\n  podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]\n  \
      podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]\n  \
-     podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000]"
+     podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]"
         .to_string()
 }
 
@@ -421,7 +421,13 @@ fn request(reader: &mut BufReader<TcpStream>, url: &Url, keep_alive: bool) -> Re
 
 fn http_get(args: &[String]) -> Result<ExitCode> {
     let args = Args::parse(args, &["keep-alive"])?;
-    args.check_known(&["count", "parallel", "keep-alive", "timeout-ms"])?;
+    args.check_known(&[
+        "count",
+        "parallel",
+        "keep-alive",
+        "timeout-ms",
+        "interval-ms",
+    ])?;
     let [url] = args.positional.as_slice() else {
         return Err(format!("http-get needs one <url>\n{}", usage()));
     };
@@ -429,6 +435,8 @@ fn http_get(args: &[String]) -> Result<ExitCode> {
     let count: usize = args.number("count", 1)?;
     let parallel: usize = args.number("parallel", 1)?;
     let timeout = Duration::from_millis(args.number("timeout-ms", 3000)?);
+    // A pause after each request: paced traffic across a restart or a reload.
+    let interval = Duration::from_millis(args.number("interval-ms", 0)?);
     let failed = AtomicUsize::new(0);
     let out = Mutex::new(std::io::stdout());
     let print = |r: Result<Response>| {
@@ -456,6 +464,7 @@ fn http_get(args: &[String]) -> Result<ExitCode> {
                     if broken {
                         break;
                     }
+                    std::thread::sleep(interval);
                 }
             }
             Err(e) => print(Err(e)),
@@ -469,6 +478,7 @@ fn http_get(args: &[String]) -> Result<ExitCode> {
                         let r = connect(&url, timeout)
                             .and_then(|s| request(&mut BufReader::new(s), &url, false));
                         print(r);
+                        std::thread::sleep(interval);
                     }
                 });
             }
