@@ -27,8 +27,9 @@ pub mod map_names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_LABELS: &str = "SERVICE_LABELS";
     pub const STATUS: &str = "STATUS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
@@ -38,6 +39,7 @@ pub mod map_names {
         REASON_STATS,
         SERVICE_LABELS,
         STATUS,
+        BACKEND_STATS,
     ];
 }
 
@@ -57,6 +59,9 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const MAX_IFACES: u32 = 4_096;
 /// Slots in the per-service counters array; slot 0 is never handed out.
 pub const MAX_STATS_SLOTS: u32 = 65_536;
+/// Slots in the per-backend counters array (per CPU, so kept modest);
+/// backends past it share slot 0, which is not reported.
+pub const MAX_BACKEND_SLOTS: u32 = 16_384;
 /// Upper bound on backends of one frontend (keeps the choice loop-free).
 pub const MAX_BACKENDS_PER_FRONTEND: u32 = 65_535;
 
@@ -110,8 +115,10 @@ pub struct Backend {
     pub port_be: u16,
     /// `BACKEND_F_*`.
     pub flags: u16,
+    /// Index into the per-backend counters (one per backend address:port).
+    pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
 
 /// A flow as it appears on the wire, in one direction.
 #[repr(C)]
@@ -186,7 +193,8 @@ pub struct CtEntry {
     /// Low bits of the datapath generation whose programs created the flow
     /// (`--datapath-generation`): shows which version made an entry.
     pub generation: u16,
-    pub _pad1: u32,
+    /// Index into the per-backend counters.
+    pub backend_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 

@@ -20,13 +20,14 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 const SNAT_PROBES: u32 = 16;
 
 /// What to write into a packet, and whose counters it feeds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Translation {
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
     pub stats_slot: u32,
+    pub backend_slot: u32,
 }
 
 impl Translation {
@@ -38,6 +39,7 @@ impl Translation {
             sport: e.new_sport_be,
             dport: e.new_dport_be,
             stats_slot: e.stats_slot,
+            backend_slot: e.backend_slot,
         }
     }
 }
@@ -161,7 +163,7 @@ pub fn decide<E: EgressLookup>(
             flags: CT_F_REPLY | CT_F_SNAT,
             state,
             generation: generation(),
-            _pad1: 0,
+            backend_slot: be.stats_slot,
         };
         let (port, rkey) = claim_snat_port(&cfg, hash, be, snat_addr, h.proto, &reply)?;
         (snat_addr, port, rkey)
@@ -178,7 +180,7 @@ pub fn decide<E: EgressLookup>(
             flags: CT_F_REPLY,
             state,
             generation: generation(),
-            _pad1: 0,
+            backend_slot: be.stats_slot,
         };
         if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
             return Err(Reason::PassCtCollision);
@@ -197,7 +199,7 @@ pub fn decide<E: EgressLookup>(
         flags: if snat { CT_F_SNAT } else { 0 },
         state,
         generation: generation(),
-        _pad1: 0,
+        backend_slot: be.stats_slot,
     };
     let flags = if stale_peer.is_some() {
         0
@@ -308,7 +310,7 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 flags: (entry.flags & CT_F_SNAT) | if is_reply { 0 } else { CT_F_REPLY },
                 state: next,
                 generation: entry.generation,
-                _pad1: 0,
+                backend_slot: entry.backend_slot,
             };
             let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);
         }

@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey,
-    IfaceInfo, Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
-    MAX_IFACES, MAX_STATS_SLOTS,
+    IfaceInfo, Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKEND_SLOTS,
+    MAX_FRONTENDS, MAX_IFACES, MAX_STATS_SLOTS,
 };
 
 #[map]
@@ -30,6 +30,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_BACKEND_SLOTS, 0);
 
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

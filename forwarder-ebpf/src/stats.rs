@@ -1,7 +1,10 @@
 //! Per-CPU counters: why each packet went where it went, and per-service traffic.
 use forwarder_common::Reason;
 
-use crate::maps::{REASON_STATS, SERVICE_STATS};
+use crate::{
+    conntrack::Translation,
+    maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS},
+};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -11,9 +14,16 @@ pub fn count(reason: Reason) {
     }
 }
 
+/// Counts a forwarded packet for its service port and its backend.
 #[inline(always)]
-pub fn count_service(slot: u32, bytes: u64) {
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(slot) {
+pub fn count_forwarded(t: &Translation, bytes: u64) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(t.stats_slot) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(t.backend_slot) {
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;

@@ -22,62 +22,89 @@ use crate::{
 
 const AF_INET: u32 = 2;
 
-enum Verdict {
-    /// Rewritten; forward with the helper that fits the egress device.
-    Peer(u32, Translation),
-    Redirect(u32, Translation),
-    Neigh(u32, u32, Translation),
-    Pass(Reason),
-    Drop(Reason),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Rewritten: into a local pod's namespace.
+    Peer,
+    /// Rewritten: out of the egress device.
+    Redirect,
+    /// Rewritten: out of the egress device, the kernel resolving the next hop.
+    Neigh,
+    Pass,
+    Drop,
+}
+
+/// Every field is always set: the verifier rejects copies of values that
+/// are only partly initialised (as enum payloads can be).
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: Action,
+    reason: Reason,
+    ifindex: u32,
+    nexthop: u32,
+}
+
+impl Verdict {
+    const fn not_ours(reason: Reason) -> Self {
+        Verdict {
+            action: if reason.is_drop() {
+                Action::Drop
+            } else {
+                Action::Pass
+            },
+            reason,
+            ifindex: 0,
+            nexthop: 0,
+        }
+    }
+
+    const fn forward(action: Action, reason: Reason, ifindex: u32, nexthop: u32) -> Self {
+        Verdict {
+            action,
+            reason,
+            ifindex,
+            nexthop,
+        }
+    }
 }
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    let verdict = match classify(&ctx) {
+    let mut t = Translation::default();
+    let verdict = match classify(&ctx, &mut t) {
         Ok(v) => v,
-        Err(reason) if reason.is_drop() => Verdict::Drop(reason),
-        Err(reason) => Verdict::Pass(reason),
+        Err(reason) => Verdict::not_ours(reason),
     };
-    let len = ctx.len() as u64;
-    let (action, reason, slot) = match verdict {
-        Verdict::Peer(ifindex, t) => (
-            unsafe { bpf_redirect_peer(ifindex, 0) } as i32,
-            Reason::TcRedirectPeer,
-            t.stats_slot,
-        ),
-        Verdict::Redirect(ifindex, t) => (
-            unsafe { bpf_redirect(ifindex, 0) } as i32,
-            Reason::TcRedirect,
-            t.stats_slot,
-        ),
-        Verdict::Neigh(ifindex, nexthop, t) => {
+    let action = match verdict.action {
+        Action::Pass => {
+            stats::count(verdict.reason);
+            return TC_ACT_OK;
+        }
+        Action::Drop => {
+            stats::count(verdict.reason);
+            return TC_ACT_SHOT;
+        }
+        Action::Peer => (unsafe { bpf_redirect_peer(verdict.ifindex, 0) }) as i32,
+        Action::Redirect => (unsafe { bpf_redirect(verdict.ifindex, 0) }) as i32,
+        Action::Neigh => {
             let mut nh = bpf_redir_neigh {
                 nh_family: AF_INET,
                 __bindgen_anon_1: unsafe { core::mem::zeroed() },
             };
-            nh.__bindgen_anon_1.ipv4_nh = nexthop;
-            let rc = unsafe {
+            nh.__bindgen_anon_1.ipv4_nh = verdict.nexthop;
+            (unsafe {
                 bpf_redirect_neigh(
-                    ifindex,
+                    verdict.ifindex,
                     &mut nh,
                     core::mem::size_of::<bpf_redir_neigh>() as i32,
                     0,
                 )
-            };
-            (rc as i32, Reason::TcRedirectNeigh, t.stats_slot)
-        }
-        Verdict::Pass(reason) => {
-            stats::count(reason);
-            return TC_ACT_OK;
-        }
-        Verdict::Drop(reason) => {
-            stats::count(reason);
-            return TC_ACT_SHOT;
+            }) as i32
         }
     };
     if action == TC_ACT_REDIRECT {
-        stats::count(reason);
-        stats::count_service(slot, len);
+        stats::count(verdict.reason);
+        stats::count_forwarded(&t, ctx.len() as u64);
     } else {
         // The packet is already rewritten: handing it to the stack would
         // show netfilter half a flow. Drop and count instead.
@@ -87,7 +114,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn classify(ctx: &TcContext) -> Result<Verdict, Reason> {
+fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
     // Direct access needs the headers linear (GRO'd or paged skbs may not be).
     let want = (ctx.len() as usize).min(MAX_HEADERS_LEN);
     if ctx.data_end() - ctx.data() < want {
@@ -98,20 +125,17 @@ fn classify(ctx: &TcContext) -> Result<Verdict, Reason> {
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
         Some(i) => *i,
-        None => return Ok(Verdict::Pass(Reason::PassNoService)),
+        None => return Ok(Verdict::not_ours(Reason::PassNoService)),
     };
     if h.ttl <= 1 {
-        return Ok(Verdict::Pass(Reason::PassTtl));
+        return Ok(Verdict::not_ours(Reason::PassTtl));
     }
     let egress = FibEgress {
         ctx: ctx.as_ptr(),
         ingress: ingress_ifindex,
     };
-    let t = match decide(&h, &ingress, &egress) {
-        Ok(t) => t,
-        Err(r) if r.is_drop() => return Ok(Verdict::Drop(r)),
-        Err(r) => return Ok(Verdict::Pass(r)),
-    };
+    let t = decide(&h, &ingress, &egress)?;
+    *out = t;
     match fib::lookup(
         ctx.as_ptr(),
         ingress_ifindex,
@@ -127,15 +151,30 @@ fn classify(ctx: &TcContext) -> Result<Verdict, Reason> {
             let peer = unsafe { IFACES.get(route.ifindex) }
                 .is_some_and(|i| i.flags & IFACE_F_VETH_PEER != 0);
             if peer {
-                Ok(Verdict::Peer(route.ifindex, t))
+                Ok(Verdict::forward(
+                    Action::Peer,
+                    Reason::TcRedirectPeer,
+                    route.ifindex,
+                    0,
+                ))
             } else {
-                Ok(Verdict::Redirect(route.ifindex, t))
+                Ok(Verdict::forward(
+                    Action::Redirect,
+                    Reason::TcRedirect,
+                    route.ifindex,
+                    0,
+                ))
             }
         }
         Fib::NoNeigh(route) => {
             nat::rewrite_tc(ctx, &h, &t)?;
-            Ok(Verdict::Neigh(route.ifindex, route.nexthop, t))
+            Ok(Verdict::forward(
+                Action::Neigh,
+                Reason::TcRedirectNeigh,
+                route.ifindex,
+                route.nexthop,
+            ))
         }
-        Fib::Fail => Ok(Verdict::Pass(Reason::PassFibFailed)),
+        Fib::Fail => Ok(Verdict::not_ours(Reason::PassFibFailed)),
     }
 }

@@ -18,69 +18,89 @@ use crate::{
     stats,
 };
 
-/// What XDP does with a packet, decided in one place.
-enum Verdict {
-    Tx(Translation),
-    Redirect(u32, Translation),
-    Pass(Reason),
-    Drop(Reason),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Tx,
+    Redirect,
+    Pass,
+    Drop,
+}
+
+/// What XDP does with a packet, decided in one place. Every field is always
+/// set (the verifier rejects copies of partly initialised values).
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: Action,
+    reason: Reason,
+    ifindex: u32,
+}
+
+impl Verdict {
+    const fn not_ours(reason: Reason) -> Self {
+        Verdict {
+            action: if reason.is_drop() {
+                Action::Drop
+            } else {
+                Action::Pass
+            },
+            reason,
+            ifindex: 0,
+        }
+    }
 }
 
 #[xdp]
 pub fn xdp_ingress(ctx: XdpContext) -> u32 {
-    let verdict = match classify(&ctx) {
+    let mut t = Translation::default();
+    let verdict = match classify(&ctx, &mut t) {
         Ok(v) => v,
-        Err(reason) if reason.is_drop() => Verdict::Drop(reason),
-        Err(reason) => Verdict::Pass(reason),
+        Err(reason) => Verdict::not_ours(reason),
     };
-    match verdict {
-        Verdict::Tx(t) => {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    match verdict.action {
+        Action::Tx => {
             stats::count(Reason::XdpTx);
-            stats::count_service(t.stats_slot, (ctx.data_end() - ctx.data()) as u64);
+            stats::count_forwarded(&t, len);
             XDP_TX
         }
-        Verdict::Redirect(ifindex, t) => {
-            let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        Action::Redirect => {
+            let action = unsafe { bpf_redirect(verdict.ifindex, 0) } as u32;
             if action == XDP_REDIRECT {
                 stats::count(Reason::XdpRedirect);
-                stats::count_service(t.stats_slot, (ctx.data_end() - ctx.data()) as u64);
+                stats::count_forwarded(&t, len);
             } else {
                 stats::count(Reason::DropRedirectFailed);
             }
             action
         }
-        Verdict::Pass(reason) => {
-            stats::count(reason);
+        Action::Pass => {
+            stats::count(verdict.reason);
             XDP_PASS
         }
-        Verdict::Drop(reason) => {
-            stats::count(reason);
+        Action::Drop => {
+            stats::count(verdict.reason);
             XDP_DROP
         }
     }
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<Verdict, Reason> {
+fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let h: Headers = parse::parse(data, data_end)?;
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
     let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
         Some(i) => *i,
-        None => return Ok(Verdict::Pass(Reason::PassNoService)),
+        None => return Ok(Verdict::not_ours(Reason::PassNoService)),
     };
     if h.ttl <= 1 {
-        return Ok(Verdict::Pass(Reason::PassTtl));
+        return Ok(Verdict::not_ours(Reason::PassTtl));
     }
     let egress = FibEgress {
         ctx: ctx.as_ptr(),
         ingress: ingress_ifindex,
     };
-    let t = match decide(&h, &ingress, &egress) {
-        Ok(t) => t,
-        Err(r) if r.is_drop() => return Ok(Verdict::Drop(r)),
-        Err(r) => return Ok(Verdict::Pass(r)),
-    };
+    let t = decide(&h, &ingress, &egress)?;
     let route = match fib::lookup(
         ctx.as_ptr(),
         ingress_ifindex,
@@ -92,19 +112,25 @@ fn classify(ctx: &XdpContext) -> Result<Verdict, Reason> {
     ) {
         Fib::Forward(route) => route,
         // tc resolves the neighbour with bpf_redirect_neigh.
-        Fib::NoNeigh(_) => return Ok(Verdict::Pass(Reason::XdpToTc)),
-        Fib::Fail => return Ok(Verdict::Pass(Reason::PassFibFailed)),
+        Fib::NoNeigh(_) => return Ok(Verdict::not_ours(Reason::XdpToTc)),
+        Fib::Fail => return Ok(Verdict::not_ours(Reason::PassFibFailed)),
     };
     let can_transmit = route.ifindex == ingress_ifindex && ingress.flags & IFACE_F_XDP_TX != 0
         || unsafe { IFACES.get(route.ifindex) }.is_some_and(|i| i.flags & IFACE_F_XDP_TX != 0);
     if !can_transmit {
         // Delivery needs an skb (a local pod, a bridge): tc does it.
-        return Ok(Verdict::Pass(Reason::XdpToTc));
+        return Ok(Verdict::not_ours(Reason::XdpToTc));
     }
     nat::rewrite_xdp(data, data_end, &h, &t, &route)?;
-    if route.ifindex == ingress_ifindex {
-        Ok(Verdict::Tx(t))
+    *out = t;
+    let action = if route.ifindex == ingress_ifindex {
+        Action::Tx
     } else {
-        Ok(Verdict::Redirect(route.ifindex, t))
-    }
+        Action::Redirect
+    };
+    Ok(Verdict {
+        action,
+        reason: Reason::XdpTx,
+        ifindex: route.ifindex,
+    })
 }

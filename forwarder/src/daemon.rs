@@ -15,11 +15,14 @@ use tokio::{
     sync::watch,
 };
 
+use std::sync::Arc;
+
 use crate::{
     datapath::{self, Datapath, OnExit, Options, XdpModeArg, XdpTxArg},
     kube_source,
     model::{Desired, NodeContext},
     netdev::Ipv4Cidr,
+    observe::{self, DaemonMetrics, Health},
     plan,
     source::{self, ObjectSet},
     translate::{self, ServiceSelection},
@@ -49,6 +52,9 @@ pub struct RunArgs {
     pub conntrack_entries: u32,
     pub on_exit: OnExit,
     pub generation: u32,
+    pub health_addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    pub health_timeout: Duration,
 }
 
 /// How often addresses and pod devices are re-checked.
@@ -95,7 +101,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
         generation: args.generation,
     };
     let mut dp = Datapath::load(&opts)?;
-    let result = serve(&mut dp, &args, &opts, rx).await;
+    let health = Arc::new(Health::new(args.health_timeout));
+    let metrics = Arc::new(DaemonMetrics::default());
+    let registry = observe::registry(args.pin_dir.clone(), dp.object_hash, &metrics);
+    let (health_addr, metrics_addr) = (args.health_addr, args.metrics_addr);
+    let h = health.clone();
+    tokio::spawn(async move {
+        if let Err(e) = observe::serve_health(health_addr, h).await {
+            error!("{e:#}");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = observe::serve_metrics(metrics_addr, registry).await {
+            error!("{e:#}");
+        }
+    });
+    info!("health on http://{health_addr}/healthz, metrics on http://{metrics_addr}/metrics");
+    let result = serve(&mut dp, &args, &opts, rx, &health, &metrics).await;
     let on_exit = if result.is_err() && dp.adopted.is_none() && !dp.attached() {
         // Nothing was ever forwarding: leave nothing behind.
         OnExit::Cleanup
@@ -137,6 +159,8 @@ async fn serve(
     args: &RunArgs,
     opts: &Options,
     mut objects: watch::Receiver<Option<ObjectSet>>,
+    health: &Health,
+    metrics: &DaemonMetrics,
 ) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -154,11 +178,16 @@ async fn serve(
                 if changed.is_err() {
                     error!("the object source stopped; keeping the last programmed state");
                     source_alive = false;
+                } else {
+                    metrics.source_updates.inc();
+                    health.pending();
+                    metrics.pending.set(1);
                 }
             }
             _ = tick.tick() => {}
         }
         let now = datapath::unix_now();
+        health.beat();
         if let Err(e) = dp.update_status(|s| s.heartbeat_unix = now) {
             warn!("{e:#}");
         }
@@ -166,16 +195,30 @@ async fn serve(
         let Some(set) = latest else {
             continue; // nothing read yet: program nothing rather than an empty state
         };
-        let result = reconcile(dp, args, &mut state, &set).and_then(|()| {
-            // Programs go on the external devices (or replace the adopted
-            // ones) only once the maps hold the desired state.
-            if !dp.attached() {
-                dp.attach_external(opts)?;
-            }
-            Ok(())
-        });
+        metrics.source_problems.set(set.problems.len() as i64);
+        let started = Instant::now();
+        let result = reconcile(dp, args, &mut state, &set);
+        // Programs go on the external devices (or replace the adopted ones)
+        // only once the maps hold the desired state. Failing that is fatal:
+        // it is a problem of this node (a foreign XDP program, a device
+        // refusing us), not of one change.
+        if result.is_ok() && !dp.attached() {
+            dp.attach_external(opts)?;
+        }
+        let changed = result.as_ref().is_ok_and(|c| *c);
+        if changed || result.is_err() {
+            metrics
+                .reconcile_seconds
+                .0
+                .observe(started.elapsed().as_secs_f64());
+        }
         match result {
-            Ok(()) => {
+            Ok(_) => {
+                if changed {
+                    metrics.reconciles_ok.inc();
+                }
+                health.programmed();
+                metrics.pending.set(0);
                 let backends = state
                     .desired
                     .frontends
@@ -202,6 +245,9 @@ async fn serve(
             // The datapath keeps what it had; the next tick tries again.
             Err(e) => {
                 state.generation = None;
+                metrics.reconciles_failed.inc();
+                health.pending();
+                metrics.pending.set(1);
                 let _ = dp.update_status(|s| s.failures += 1);
                 error!("reconcile failed, keeping the previous state: {e:#}");
             }
@@ -220,7 +266,13 @@ async fn serve(
 
 /// One pass: translate the newest objects if they or the node addresses
 /// changed, program the difference, follow pod devices.
-fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State, set: &ObjectSet) -> Result<()> {
+/// Returns whether the maps were reprogrammed.
+fn reconcile(
+    dp: &mut Datapath,
+    args: &RunArgs,
+    state: &mut State,
+    set: &ObjectSet,
+) -> Result<bool> {
     let addresses: Vec<Ipv4Addr> = dp
         .external_addresses(&args.ifaces)?
         .into_iter()
@@ -229,7 +281,8 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State, set: &ObjectS
                 || args.nodeport_addresses.iter().any(|c| c.contains(*a))
         })
         .collect();
-    if state.generation != Some(set.generation) || state.addresses != addresses {
+    let changed = state.generation != Some(set.generation) || state.addresses != addresses;
+    if changed {
         if addresses.is_empty() {
             warn!(
                 "no node address on {} matches --nodeport-addresses: nodePorts are not served",
@@ -276,5 +329,5 @@ fn reconcile(dp: &mut Datapath, args: &RunArgs, state: &mut State, set: &ObjectS
         .flat_map(|f| f.backends.iter().filter(|b| b.local).map(|b| b.addr))
         .collect();
     dp.sync_pod_devices(&local_pods)?;
-    Ok(())
+    Ok(changed)
 }

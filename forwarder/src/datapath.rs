@@ -255,6 +255,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         map_names::CONFIG => (MapType::Array, u32s, size_of::<Config>() as u32),
         map_names::SERVICE_STATS => (MapType::PerCpuArray, u32s, size_of::<Counters>() as u32),
         map_names::REASON_STATS => (MapType::PerCpuArray, u32s, size_of::<u64>() as u32),
+        map_names::BACKEND_STATS => (MapType::PerCpuArray, u32s, size_of::<Counters>() as u32),
         map_names::SERVICE_LABELS => (MapType::Hash, u32s, size_of::<ServiceLabel>() as u32),
         map_names::STATUS => (MapType::Array, u32s, size_of::<DaemonStatus>() as u32),
         _ => return None,

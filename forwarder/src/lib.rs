@@ -6,11 +6,13 @@
 
 pub mod daemon;
 pub mod datapath;
+pub mod inspect;
 pub mod kube_source;
 pub mod manifest;
 pub mod maps;
 pub mod model;
 pub mod netdev;
+pub mod observe;
 pub mod plan;
 pub mod source;
 pub mod stats;

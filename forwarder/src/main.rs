@@ -1,10 +1,11 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use forwarder::{
     daemon::{self, RunArgs, SourceArg},
     datapath::{self, OnExit, XdpModeArg, XdpTxArg},
+    inspect,
     netdev::Ipv4Cidr,
     stats,
     translate::ServiceSelection,
@@ -14,11 +15,22 @@ use forwarder::{
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format: human-readable, or one JSON object per line.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of the `run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Attach to the interfaces and forward NodePort traffic for the Services in the
     /// Kubernetes API (or in manifest files).
@@ -67,11 +79,45 @@ enum Command {
         /// eBPF object, which restart tests use.
         #[arg(long, default_value_t = 0, hide = true)]
         datapath_generation: u32,
+        /// Where /healthz and /livez are served (kube-proxy's own is on 10256).
+        #[arg(long, default_value = "0.0.0.0:10266")]
+        health_addr: SocketAddr,
+        /// Where Prometheus /metrics is served (kube-proxy's own is on 10249).
+        #[arg(long, default_value = "0.0.0.0:10269")]
+        metrics_addr: SocketAddr,
+        /// /healthz answers 503 while a change has waited longer than this
+        /// to be programmed (and before the first programming).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        health_timeout: Duration,
+    },
+    /// Interfaces and attach modes, program ids, what is programmed, map fill, daemon health.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Frontends (address:port/protocol) and their backends, with counters.
+    Services {
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Live flows: client, frontend, backend, source NAT, state, age.
+    Conntrack {
+        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Detach every program and remove the pins: kube-proxy handles all traffic again.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
         pin_dir: PathBuf,
+        /// Then keep running until SIGTERM (as a DaemonSet's container).
+        #[arg(long)]
+        stay: bool,
     },
     /// Print the datapath's counters from the pinned maps.
     Stats {
@@ -103,11 +149,39 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((min, max))
 }
 
+fn print_as<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    text: impl Fn(&T) -> String,
+) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Text => print!("{}", text(value)),
+    }
+    Ok(())
+}
+
+/// Logs go through `tracing` (the `log` records of our modules and of aya
+/// included), filtered by RUST_LOG (default info), to stderr.
+fn init_logging(format: LogFormat) {
+    let _ = tracing_log::LogTracer::init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
-    match real_main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forwarder: error: {e:#}");
@@ -116,8 +190,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main() -> Result<()> {
-    match Cli::parse().command {
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Run {
             iface,
             node_name,
@@ -132,6 +206,9 @@ fn real_main() -> Result<()> {
             conntrack_entries,
             cleanup_on_exit,
             datapath_generation,
+            health_addr,
+            metrics_addr,
+            health_timeout,
         } => {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
@@ -157,6 +234,9 @@ fn real_main() -> Result<()> {
                 snat_port_range,
                 conntrack_entries,
                 generation: datapath_generation,
+                health_addr,
+                metrics_addr,
+                health_timeout,
                 on_exit: if cleanup_on_exit {
                     OnExit::Cleanup
                 } else {
@@ -164,9 +244,37 @@ fn real_main() -> Result<()> {
                 },
             }))
         }
-        Command::Uninstall { pin_dir } => {
+        Command::Uninstall { pin_dir, stay } => {
             datapath::check_privileges()?;
-            datapath::uninstall(&pin_dir)
+            datapath::uninstall(&pin_dir)?;
+            if stay {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let mut term = signal(SignalKind::terminate())?;
+                    let mut int = signal(SignalKind::interrupt())?;
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                    Ok::<_, anyhow::Error>(())
+                })?;
+            }
+            Ok(())
+        }
+        Command::Status { pin_dir, output } => {
+            let maps = inspect::open(&pin_dir)?;
+            let s = inspect::status(&maps, &pin_dir)?;
+            print_as(output, &s, inspect::render_status)
+        }
+        Command::Services { pin_dir, output } => {
+            let maps = inspect::open(&pin_dir)?;
+            let rows = inspect::services(&maps)?;
+            print_as(output, &rows, |r| inspect::render_services(r))
+        }
+        Command::Conntrack { pin_dir, output } => {
+            let maps = inspect::open(&pin_dir)?;
+            let rows = inspect::conntrack(&maps)?;
+            print_as(output, &rows, |r| inspect::render_conntrack(r))
         }
         Command::Stats { pin_dir, output } => stats::run(&pin_dir, matches!(output, Output::Json)),
     }

@@ -21,6 +21,7 @@ pub struct Maps {
     pub ifaces: HashMap<MapData, u32, IfaceInfo>,
     pub config: Array<MapData, Config>,
     pub service_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reason_stats: PerCpuArray<MapData, u64>,
     pub service_labels: HashMap<MapData, u32, ServiceLabel>,
     pub status: Array<MapData, DaemonStatus>,
@@ -44,6 +45,7 @@ impl Maps {
             ifaces: typed(take(map_names::IFACES)?, map_names::IFACES)?,
             config: typed(take(map_names::CONFIG)?, map_names::CONFIG)?,
             service_stats: typed(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            backend_stats: typed(take(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
             reason_stats: typed(take(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(take(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
             status: typed(take(map_names::STATUS)?, map_names::STATUS)?,
@@ -70,6 +72,7 @@ impl Maps {
             ifaces: typed(open(map_names::IFACES)?, map_names::IFACES)?,
             config: typed(open(map_names::CONFIG)?, map_names::CONFIG)?,
             service_stats: typed(open(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            backend_stats: typed(open(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
             reason_stats: typed(open(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(open(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
             status: typed(open(map_names::STATUS)?, map_names::STATUS)?,
@@ -110,6 +113,13 @@ impl Maps {
                         .insert(slot, ServiceLabel::new(label), 0)
                         .with_context(|| format!("naming counters slot {slot}"))?;
                 }
+                Op::ClaimBackendSlot(slot) => {
+                    let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpus])
+                        .context("per-CPU zero counters")?;
+                    self.backend_stats
+                        .set(*slot, zeros, 0)
+                        .with_context(|| format!("resetting backend counters slot {slot}"))?;
+                }
                 Op::PutBackend(k, v) => self.backends.insert(k, v, 0).with_context(|| {
                     format!("writing backend {k:?} (is the BACKENDS map full?)")
                 })?,
@@ -142,15 +152,23 @@ impl Maps {
 
     /// Packets and bytes of a counters slot, summed over CPUs.
     pub fn service_totals(&self, slot: u32) -> Result<Counters> {
-        let values = self
-            .service_stats
-            .get(&slot, 0)
-            .with_context(|| format!("reading service counters slot {slot}"))?;
-        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
+        sum(&self.service_stats, slot)
     }
+
+    /// Packets and bytes of a backend's counters slot, summed over CPUs.
+    pub fn backend_totals(&self, slot: u32) -> Result<Counters> {
+        sum(&self.backend_stats, slot)
+    }
+}
+
+fn sum(map: &PerCpuArray<MapData, Counters>, slot: u32) -> Result<Counters> {
+    let values = map
+        .get(&slot, 0)
+        .with_context(|| format!("reading counters slot {slot}"))?;
+    Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

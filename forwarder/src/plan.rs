@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use forwarder_common::{
     Backend, BackendKey, Frontend, FrontendKey, BACKEND_F_LOCAL, FRONTEND_F_DROP_IF_EMPTY,
-    FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MAX_STATS_SLOTS,
+    FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_BACKEND_SLOTS, MAX_FRONTENDS,
+    MAX_STATS_SLOTS,
 };
 use thiserror::Error;
 
@@ -27,6 +28,8 @@ pub struct Snapshot {
 pub enum Op {
     /// A newly used counter slot: zero it, then name it.
     ClaimSlot(u32, String),
+    /// A newly used per-backend counter slot: zero it.
+    ClaimBackendSlot(u32),
     PutBackend(BackendKey, Backend),
     PutFrontend(FrontendKey, Frontend),
     DeleteFrontend(FrontendKey),
@@ -59,13 +62,49 @@ pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
     }
 }
 
-/// The map value for a backend.
-pub fn backend_value(b: &DesiredBackend) -> Backend {
+/// The map value for a backend, counted in `stats_slot`.
+pub fn backend_value(b: &DesiredBackend, stats_slot: u32) -> Backend {
     Backend {
         addr_be: u32::from_ne_bytes(b.addr.octets()),
         port_be: b.port.to_be(),
         flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+        stats_slot,
     }
+}
+
+/// Per-backend counter slots: one per backend address:port, kept while the
+/// backend is in use; new backends take the lowest free slot (0 when none is
+/// left: counted nowhere, forwarded all the same).
+fn backend_slots(
+    desired: &Desired,
+    current: &Snapshot,
+    ops: &mut Vec<Op>,
+) -> BTreeMap<(u32, u16), u32> {
+    let mut slots: BTreeMap<(u32, u16), u32> = BTreeMap::new();
+    for b in current.backends.values() {
+        if b.stats_slot != 0 {
+            slots.entry((b.addr_be, b.port_be)).or_insert(b.stats_slot);
+        }
+    }
+    let wanted: BTreeSet<(u32, u16)> = desired
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter())
+        .map(|b| (u32::from_ne_bytes(b.addr.octets()), b.port.to_be()))
+        .collect();
+    slots.retain(|k, _| wanted.contains(k));
+    let used: BTreeSet<u32> = slots.values().copied().collect();
+    let mut free = (1..MAX_BACKEND_SLOTS).filter(|s| !used.contains(s));
+    for key in wanted {
+        if let std::collections::btree_map::Entry::Vacant(e) = slots.entry(key) {
+            let slot = free.next().unwrap_or(0);
+            if slot != 0 {
+                ops.push(Op::ClaimBackendSlot(slot));
+            }
+            e.insert(slot);
+        }
+    }
+    slots
 }
 
 fn frontend_flags(f: &DesiredFrontend) -> u32 {
@@ -131,6 +170,8 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
         }
     }
 
+    let backend_slot = backend_slots(desired, current, &mut ops);
+
     // Backend sets: identical lists share one set (every node address of a
     // service port points at the same backends).
     let existing = current_sets(current);
@@ -155,7 +196,14 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
                 count: f.backends.len(),
             });
         }
-        let content: Vec<Backend> = f.backends.iter().map(backend_value).collect();
+        let content: Vec<Backend> = f
+            .backends
+            .iter()
+            .map(|b| {
+                let slot = backend_slot[&(u32::from_ne_bytes(b.addr.octets()), b.port.to_be())];
+                backend_value(b, slot)
+            })
+            .collect();
         let backend_set = if content.is_empty() {
             0
         } else if let Some(id) = set_by_content.get(&content) {
@@ -226,6 +274,7 @@ pub fn apply_to_snapshot(current: &Snapshot, ops: &[Op]) -> Snapshot {
             Op::ClaimSlot(slot, label) => {
                 s.labels.insert(*slot, label.clone());
             }
+            Op::ClaimBackendSlot(_) => {}
             Op::PutBackend(k, v) => {
                 s.backends.insert(*k, *v);
             }
@@ -318,7 +367,10 @@ mod tests {
         let backends = resolve(&s, &a).unwrap();
         assert_eq!(
             backends,
-            vec![backend_value(&be(10, true)), backend_value(&be(11, false))]
+            vec![
+                backend_value(&be(10, true), 1),
+                backend_value(&be(11, false), 2)
+            ]
         );
         assert_eq!(backends[0].flags, BACKEND_F_LOCAL);
         assert_eq!(s.labels.values().collect::<Vec<_>>(), vec!["ns/gw:http2"]);
@@ -384,7 +436,8 @@ mod tests {
         let s2 = apply_to_snapshot(&s1, &ops);
         assert_eq!(
             resolve(&s2, &a).unwrap(),
-            vec![backend_value(&be(11, false))]
+            vec![backend_value(&be(11, false), 2)],
+            "the remaining backend keeps its counters slot"
         );
         assert_eq!(s2.backends.len(), 1, "old set deleted: {:?}", s2.backends);
         assert_eq!(s2.labels.len(), 1, "slot kept");
@@ -410,14 +463,14 @@ mod tests {
                 backend_set: 7,
                 index: 0,
             },
-            backend_value(&be(9, false)),
+            backend_value(&be(9, false), 5),
         );
         let a = fa([192, 0, 2, 1], 31380);
         let d = desired(vec![(a, fe("ns/gw", vec![be(10, true)]))]);
         let after = apply_to_snapshot(&s, &plan(&d, &s).unwrap());
         assert_eq!(
             resolve(&after, &a).unwrap(),
-            vec![backend_value(&be(10, true))]
+            vec![backend_value(&be(10, true), 1)]
         );
         assert_eq!(after.backends.len(), 1);
         assert_ne!(
@@ -440,6 +493,44 @@ mod tests {
         let v = s.frontends[&frontend_key(&a)];
         assert_eq!(v.backend_count, 0);
         assert_eq!(v.flags, FRONTEND_F_NO_SNAT | FRONTEND_F_DROP_IF_EMPTY);
+    }
+
+    #[test]
+    fn each_backend_gets_one_counters_slot_across_services_and_new_ones_are_zeroed() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let b = fa([192, 0, 2, 1], 31390);
+        let d = desired(vec![
+            (a, fe("ns/gw", vec![be(10, true), be(11, false)])),
+            (b, fe("ns/other", vec![be(11, false)])),
+        ]);
+        let ops = plan(&d, &Snapshot::default()).unwrap();
+        let claimed: Vec<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::ClaimBackendSlot(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(claimed, vec![1, 2]);
+        let s = apply_to_snapshot(&Snapshot::default(), &ops);
+        assert_eq!(
+            resolve(&s, &b).unwrap()[0].stats_slot,
+            resolve(&s, &a).unwrap()[1].stats_slot
+        );
+        // A new backend later takes a free slot; the others keep theirs.
+        let d2 = desired(vec![(a, fe("ns/gw", vec![be(11, false), be(12, false)]))]);
+        let ops2 = plan(&d2, &s).unwrap();
+        assert!(
+            ops2.contains(&Op::ClaimBackendSlot(1)),
+            "slot 1 freed by .10 and reused: {ops2:?}"
+        );
+        let s2 = apply_to_snapshot(&s, &ops2);
+        let slots: Vec<u32> = resolve(&s2, &a)
+            .unwrap()
+            .iter()
+            .map(|b| b.stats_slot)
+            .collect();
+        assert_eq!(slots, vec![2, 1]);
     }
 
     #[test]

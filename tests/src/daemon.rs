@@ -308,7 +308,7 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {cmd:?} in {}", self.ns))?;
         self.child = Some(child);
-        self.wait_for_log_after("ready", skip, opts.ready_timeout)
+        self.wait_for_log_after("ready: ", skip, opts.ready_timeout)
     }
 
     /// The node namespace the daemon runs in.

@@ -1,0 +1,531 @@
+//! The manifests in `deploy/`: every document must be a known Kubernetes
+//! object that reads into the k8s-openapi types without losing a field (so
+//! a misspelt field fails here, not on the cluster), and the DaemonSet must
+//! give the daemon what it needs: its arguments accepted by the binary, the
+//! node name from the downward API, the host network, the capabilities the
+//! daemon checks for, bpffs under the pin directory, and RBAC for what the
+//! Kubernetes source watches.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, Namespace, PodSpec, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[derive(Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    daemon_sets: Vec<DaemonSet>,
+}
+
+/// Paths where `a` and `b` differ (what `b` lacks or has otherwise).
+fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    Some(w) => differences(v, w, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}: not a field of the type")),
+                }
+            }
+            for k in y.keys().filter(|k| !x.contains_key(*k)) {
+                out.push(format!("{path}.{k}: added by the type"));
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                differences(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ if a == b => {}
+        _ => out.push(format!("{path}: {a} reads back as {b}")),
+    }
+}
+
+/// Reads `value` as a `T` and checks that nothing was dropped or changed.
+fn typed<T: DeserializeOwned + Serialize>(what: &str, value: &Value) -> T {
+    let object: T = serde_json::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{what}: does not read as its kind: {e}"));
+    let back = serde_json::to_value(&object).expect("serializes");
+    let mut diffs = Vec::new();
+    differences(value, &back, "", &mut diffs);
+    assert!(diffs.is_empty(), "{what}: {diffs:#?}");
+    object
+}
+
+fn load() -> Objects {
+    let mut files: Vec<PathBuf> = fs::read_dir(deploy_dir())
+        .expect("deploy/ exists")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in deploy/");
+    let mut objects = Objects::default();
+    for file in files {
+        let text = fs::read_to_string(&file).expect("readable");
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let what = format!("{} document {}", file.display(), index + 1);
+            let value =
+                Value::deserialize(document).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+            if value.is_null() {
+                continue;
+            }
+            let api_version = value["apiVersion"].as_str().unwrap_or("");
+            let kind = value["kind"].as_str().unwrap_or("");
+            match (api_version, kind) {
+                ("v1", "Namespace") => objects.namespaces.push(typed(&what, &value)),
+                ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&what, &value)),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                    objects.cluster_roles.push(typed(&what, &value))
+                }
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    objects.cluster_role_bindings.push(typed(&what, &value))
+                }
+                ("apps/v1", "DaemonSet") => objects.daemon_sets.push(typed(&what, &value)),
+                _ => panic!("{what}: unexpected {api_version} {kind}"),
+            }
+        }
+    }
+    objects
+}
+
+fn daemon_set<'a>(objects: &'a Objects, name: &str) -> &'a DaemonSet {
+    let found: Vec<&DaemonSet> = objects
+        .daemon_sets
+        .iter()
+        .filter(|d| d.metadata.name.as_deref() == Some(name))
+        .collect();
+    assert_eq!(found.len(), 1, "one DaemonSet named {name}");
+    found[0]
+}
+
+/// The DaemonSet that runs the daemon.
+fn the_daemon_set(objects: &Objects) -> &DaemonSet {
+    daemon_set(objects, "forwarder")
+}
+
+fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("DaemonSet has a pod template spec")
+}
+
+fn daemon_container(pod: &PodSpec) -> &Container {
+    let found: Vec<&Container> = pod
+        .containers
+        .iter()
+        .filter(|c| {
+            c.command
+                .as_deref()
+                .and_then(|c| c.first())
+                .is_some_and(|c| c.ends_with("/forwarder"))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one container runs the forwarder binary");
+    found[0]
+}
+
+/// `--flag=value` and `--flag value` arguments, by flag.
+fn flags(args: &[String]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut i = 0;
+    while i < args.len() {
+        if let Some(flag) = args[i].strip_prefix("--") {
+            match flag.split_once('=') {
+                Some((k, v)) => {
+                    out.insert(k.to_owned(), v.to_owned());
+                }
+                None => {
+                    let value = args.get(i + 1).filter(|v| !v.starts_with("--"));
+                    out.insert(flag.to_owned(), value.cloned().unwrap_or_default());
+                    if value.is_some() {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn every_manifest_reads_into_its_kubernetes_type_without_losing_a_field() {
+    let objects = load();
+    assert_eq!(objects.namespaces.len(), 1);
+    assert_eq!(objects.service_accounts.len(), 1);
+    assert_eq!(objects.cluster_roles.len(), 1);
+    assert_eq!(objects.cluster_role_bindings.len(), 1);
+    the_daemon_set(&objects);
+}
+
+#[test]
+fn a_misspelt_field_is_caught() {
+    let value = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "x", "namespce": "y"},
+    });
+    let result = std::panic::catch_unwind(|| typed::<ServiceAccount>("test", &value));
+    assert!(result.is_err(), "an unknown field must not pass");
+}
+
+#[test]
+fn namespaced_objects_live_in_a_namespace_that_is_deployed() {
+    let objects = load();
+    let namespaces: Vec<&str> = objects
+        .namespaces
+        .iter()
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+    let used = objects
+        .service_accounts
+        .iter()
+        .map(|o| &o.metadata)
+        .chain(objects.daemon_sets.iter().map(|o| &o.metadata));
+    for meta in used {
+        let ns = meta.namespace.as_deref().expect("namespace set explicitly");
+        assert!(namespaces.contains(&ns), "{ns} is not deployed");
+    }
+}
+
+#[test]
+fn the_daemon_set_runs_the_daemon_as_it_expects() {
+    let objects = load();
+    let ds = the_daemon_set(&objects);
+    let spec = ds.spec.as_ref().expect("spec");
+    let pod = pod_spec(ds);
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "XDP attaches to the node's interfaces"
+    );
+    let template_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref());
+    for (k, v) in spec.selector.match_labels.iter().flatten() {
+        assert_eq!(
+            template_labels.and_then(|l| l.get(k)),
+            Some(v),
+            "selector {k}={v} matches the pod template"
+        );
+    }
+
+    let c = daemon_container(pod);
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
+    let flags = flags(&args);
+    assert!(
+        flags.get("iface").is_some_and(|v| !v.is_empty()),
+        "--iface is set: {args:?}"
+    );
+    assert!(
+        !flags.contains_key("manifests"),
+        "in a cluster the source is the Kubernetes API"
+    );
+    assert!(
+        !flags.contains_key("cleanup-on-exit"),
+        "a stopped pod leaves the datapath forwarding: rolling updates drop nothing"
+    );
+
+    // The node name: --node-name, or NODE_NAME from spec.nodeName.
+    let node_name_from_downward_api = c.env.iter().flatten().any(|e| {
+        e.name == "NODE_NAME"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .is_some_and(|f| f.field_path == "spec.nodeName")
+    });
+    assert!(
+        node_name_from_downward_api || flags.contains_key("node-name"),
+        "NODE_NAME from fieldRef spec.nodeName"
+    );
+
+    // What datapath::check_privileges asks for, without privileged mode.
+    let security = c.security_context.as_ref().expect("securityContext");
+    assert_ne!(
+        security.privileged,
+        Some(true),
+        "the daemon is not privileged"
+    );
+    let caps = security.capabilities.as_ref().expect("capabilities");
+    let added: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert!(added.contains(&"NET_ADMIN"), "{added:?}");
+    assert!(
+        added.contains(&"BPF") || added.contains(&"SYS_ADMIN"),
+        "{added:?}"
+    );
+    assert!(
+        caps.drop.iter().flatten().any(|d| d == "ALL"),
+        "everything else dropped"
+    );
+
+    // The pin directory is on the host's /sys/fs/bpf.
+    let pin_dir = flags
+        .get("pin-dir")
+        .cloned()
+        .unwrap_or_else(|| "/sys/fs/bpf/forwarder".into());
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&pin_dir).starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("nothing mounted over --pin-dir {pin_dir}"));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume exists");
+    let host_path = volume.host_path.as_ref().expect("a hostPath volume");
+    assert_eq!(host_path.path, "/sys/fs/bpf");
+    assert_eq!(mount.mount_path, "/sys/fs/bpf");
+}
+
+#[test]
+fn bidirectional_mounts_are_only_in_privileged_containers() {
+    // The API server refuses the pod otherwise.
+    let objects = load();
+    let pod = pod_spec(the_daemon_set(&objects));
+    let mut bidirectional = 0;
+    for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+        for m in c.volume_mounts.iter().flatten() {
+            if m.mount_propagation.as_deref() == Some("Bidirectional") {
+                bidirectional += 1;
+                let privileged = c.security_context.as_ref().and_then(|s| s.privileged);
+                assert_eq!(
+                    privileged,
+                    Some(true),
+                    "{}: Bidirectional {}",
+                    c.name,
+                    m.mount_path
+                );
+            }
+        }
+    }
+    assert_eq!(bidirectional, 1, "the bpffs init container only");
+}
+
+#[test]
+fn the_binary_accepts_the_daemon_set_arguments() {
+    let objects = load();
+    let c = daemon_container(pod_spec(the_daemon_set(&objects)));
+    let args = c.args.clone().unwrap_or_default();
+    // clap checks every argument before it reaches --help, which then
+    // stops it from running anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("runs the binary");
+    assert!(
+        out.status.success(),
+        "forwarder {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the check is real: a bad argument fails it.
+    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args(&args)
+        .args(["--no-such-flag", "--help"])
+        .output()
+        .expect("runs the binary");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn rbac_grants_what_the_kubernetes_source_watches() {
+    let objects = load();
+    let ds = the_daemon_set(&objects);
+    let pod = pod_spec(ds);
+    let account = pod
+        .service_account_name
+        .as_deref()
+        .expect("serviceAccountName");
+    let namespace = ds.metadata.namespace.as_deref().expect("namespace");
+    assert!(
+        objects.service_accounts.iter().any(|sa| {
+            sa.metadata.name.as_deref() == Some(account)
+                && sa.metadata.namespace.as_deref() == Some(namespace)
+        }),
+        "ServiceAccount {namespace}/{account} is deployed"
+    );
+    let binding = objects
+        .cluster_role_bindings
+        .iter()
+        .find(|b| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == account
+                    && s.namespace.as_deref() == Some(namespace)
+            })
+        })
+        .expect("a ClusterRoleBinding for the ServiceAccount");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    let role = objects
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(binding.role_ref.name.as_str()))
+        .expect("the bound ClusterRole is deployed");
+    let rules = role.rules.as_deref().unwrap_or(&[]);
+    let allows = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in ["list", "watch"] {
+        assert!(allows("", "services", verb), "{verb} services");
+        assert!(
+            allows("discovery.k8s.io", "endpointslices", verb),
+            "{verb} endpointslices"
+        );
+    }
+    // Read-only: the daemon writes nothing to the API.
+    for rule in rules {
+        for verb in &rule.verbs {
+            assert!(["get", "list", "watch"].contains(&verb.as_str()), "{verb}");
+        }
+    }
+}
+
+#[test]
+fn the_readme_explains_the_node_label() {
+    let objects = load();
+    let pod = pod_spec(the_daemon_set(&objects));
+    let readme = fs::read_to_string(deploy_dir().join("README.md")).expect("deploy/README.md");
+    for (k, v) in pod.node_selector.iter().flatten() {
+        if k == "kubernetes.io/os" {
+            continue;
+        }
+        assert!(
+            readme.contains(&format!("{k}={v}")),
+            "README shows how to set {k}={v}"
+        );
+    }
+}
+
+fn node_selector(ds: &DaemonSet) -> BTreeMap<String, String> {
+    pod_spec(ds).node_selector.clone().unwrap_or_default()
+}
+
+#[test]
+fn the_off_switch_uninstalls_where_the_forwarder_is_turned_off() {
+    let objects = load();
+    let on = the_daemon_set(&objects);
+    let off = daemon_set(&objects, "forwarder-off");
+    assert_eq!(
+        node_selector(on)
+            .get("forwarder.dev/enabled")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        node_selector(off)
+            .get("forwarder.dev/enabled")
+            .map(String::as_str),
+        Some("false")
+    );
+    let c = daemon_container(pod_spec(off));
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("uninstall"),
+        "{args:?}"
+    );
+    let f = flags(&args);
+    assert!(
+        f.contains_key("stay"),
+        "the off switch keeps running: {args:?}"
+    );
+    let on_flags = flags(
+        &daemon_container(pod_spec(on))
+            .args
+            .clone()
+            .unwrap_or_default(),
+    );
+    assert_eq!(
+        f.get("pin-dir"),
+        on_flags.get("pin-dir"),
+        "both use the same pin dir"
+    );
+    // Same binary check as for the daemon's own arguments.
+    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("runs the binary");
+    assert!(
+        out.status.success(),
+        "forwarder {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn probes_and_scraping_point_at_the_daemon_endpoints() {
+    let objects = load();
+    let ds = the_daemon_set(&objects);
+    let c = daemon_container(pod_spec(ds));
+    let f = flags(&c.args.clone().unwrap_or_default());
+    let port_of = |flag: &str| -> i32 {
+        f.get(flag)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("--{flag} set with a port"))
+    };
+    let named = |name: &str| -> i32 {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+            .unwrap_or_else(|| panic!("container port {name}"))
+    };
+    assert_eq!(named("health"), port_of("health-addr"));
+    assert_eq!(named("metrics"), port_of("metrics-addr"));
+    assert_ne!(port_of("health-addr"), 10256, "kube-proxy's healthz port");
+    assert_ne!(port_of("metrics-addr"), 10249, "kube-proxy's metrics port");
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.path.clone().unwrap_or_default())
+    };
+    assert_eq!(path(&c.readiness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(path(&c.liveness_probe).as_deref(), Some("/livez"));
+    let annotations = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/port"),
+        Some(&port_of("metrics-addr").to_string())
+    );
+}
