@@ -46,3 +46,7 @@ pub static SERVICE_LABELS: HashMap<u32, ServiceLabel> =
 /// The daemon's status (see `DaemonStatus`); only userspace reads and writes it.
 #[map]
 pub static STATUS: Array<DaemonStatus> = Array::with_max_entries(1, 0);
+
+/// Per-CPU time of the last debug log line (rate limit).
+#[map]
+pub static LOG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

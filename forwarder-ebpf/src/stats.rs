@@ -3,7 +3,7 @@ use forwarder_common::Reason;
 
 use crate::{
     conntrack::Translation,
-    maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS},
+    maps::{BACKEND_STATS, LOG_RATE, REASON_STATS, SERVICE_STATS},
 };
 
 #[inline(always)]
@@ -28,5 +28,40 @@ pub fn count_forwarded(t: &Translation, bytes: u64) {
             (*c).packets += 1;
             (*c).bytes += bytes;
         }
+    }
+}
+
+/// Reasons worth a debug log line: resource limits and helper failures, not
+/// ordinary passes. Only these ever reach the logger, and only when the
+/// loader enabled debug logging.
+#[inline(always)]
+pub fn notable(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::PassSnatExhausted
+            | Reason::PassCtCollision
+            | Reason::PassCtFull
+            | Reason::PassNoSnatAddr
+            | Reason::DropRedirectFailed
+    )
+}
+
+/// At most one log line per CPU every 100 ms.
+#[inline(always)]
+pub fn log_allowed() -> bool {
+    const MIN_GAP_NS: u64 = 100_000_000;
+    if !aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Debug) {
+        return false;
+    }
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    match LOG_RATE.get_ptr_mut(0) {
+        Some(last) => unsafe {
+            if now.saturating_sub(*last) < MIN_GAP_NS {
+                return false;
+            }
+            *last = now;
+            true
+        },
+        None => false,
     }
 }

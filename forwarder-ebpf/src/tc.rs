@@ -75,6 +75,14 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         Ok(v) => v,
         Err(reason) => Verdict::not_ours(reason),
     };
+    if stats::notable(verdict.reason) && stats::log_allowed() {
+        aya_log_ebpf::debug!(
+            &ctx,
+            "tc: reason {} on ifindex {}",
+            verdict.reason as u32,
+            unsafe { (*ctx.skb.skb).ifindex }
+        );
+    }
     let action = match verdict.action {
         Action::Pass => {
             stats::count(verdict.reason);
@@ -109,6 +117,14 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         // The packet is already rewritten: handing it to the stack would
         // show netfilter half a flow. Drop and count instead.
         stats::count(Reason::DropRedirectFailed);
+        if stats::log_allowed() {
+            aya_log_ebpf::debug!(
+                &ctx,
+                "tc: redirect to ifindex {} failed ({})",
+                verdict.ifindex,
+                action
+            );
+        }
     }
     action
 }

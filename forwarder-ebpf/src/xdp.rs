@@ -56,6 +56,14 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
         Ok(v) => v,
         Err(reason) => Verdict::not_ours(reason),
     };
+    if stats::notable(verdict.reason) && stats::log_allowed() {
+        aya_log_ebpf::debug!(
+            &ctx,
+            "xdp: reason {} on ifindex {}",
+            verdict.reason as u32,
+            ctx.ingress_ifindex() as u32
+        );
+    }
     let len = (ctx.data_end() - ctx.data()) as u64;
     match verdict.action {
         Action::Tx => {

@@ -188,6 +188,7 @@ async fn serve(
         }
         let now = datapath::unix_now();
         health.beat();
+        dp.flush_logs();
         if let Err(e) = dp.update_status(|s| s.heartbeat_unix = now) {
             warn!("{e:#}");
         }

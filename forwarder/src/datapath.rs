@@ -124,6 +124,7 @@ pub struct Datapath {
     /// The previous daemon's status, if we adopted a running datapath.
     pub adopted: Option<DaemonStatus>,
     pub object_hash: u64,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -332,10 +333,25 @@ impl Datapath {
         }
         loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_entries);
         loader.override_global(GENERATION_GLOBAL, &opts.generation, true);
+        // eBPF-side log lines only when debug logging is on (and they are
+        // rate-limited in the programs); otherwise the check costs a load.
+        let ebpf_log_level: u8 = if tracing::enabled!(tracing::Level::DEBUG) {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &ebpf_log_level, true);
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(explain_load_error)?;
         let mut maps = Maps::take(&mut ebpf)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("eBPF log messages unavailable: {e}");
+                None
+            }
+        };
         let ct_size = MapData::from_pin(pin_path(&opts.pin_dir, map_names::CONNTRACK))
             .and_then(|m| m.info())
             .map(|i| i.max_entries())
@@ -383,6 +399,7 @@ impl Datapath {
             pod_devices: BTreeMap::new(),
             adopted: previous,
             object_hash,
+            logger,
         })
     }
 
@@ -495,6 +512,13 @@ impl Datapath {
             _tc: tc_link,
         });
         Ok(())
+    }
+
+    /// Passes the programs' (rate-limited, debug-level) log lines to our log.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
     }
 
     /// Whether the external interfaces are attached yet.

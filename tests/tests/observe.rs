@@ -269,3 +269,59 @@ fn someone_elses_xdp_program_is_never_replaced() {
         Ok(())
     })());
 }
+
+#[test]
+fn datapath_events_reach_the_log_at_debug_level() {
+    skip_unless_netns_capable!();
+    check((|| {
+        let cluster = Cluster::build(ClusterOptions {
+            pod_net: PodNet::RoutedVeth,
+            wire_napi: true,
+            pods_per_node: 1,
+            ..ClusterOptions::default()
+        })?;
+        // Only the remote pod, and a single source port for it: the second
+        // concurrent flow finds no free port and is passed to the kernel.
+        let remote = cluster.pod_on("node2")?;
+        cluster.write_service("gateway", &[remote])?;
+        let mut options = cluster.daemon_options(1);
+        options
+            .extra_args
+            .extend(["--snat-port-range".into(), "61000-61000".into()]);
+        let previous = std::env::var("RUST_LOG").ok();
+        // SAFETY (edition 2021: safe): the tests of this binary run one at a time.
+        std::env::set_var("RUST_LOG", "info,forwarder=debug");
+        let started = cluster.start_forwarder(1, &options);
+        match previous {
+            Some(v) => std::env::set_var("RUST_LOG", v),
+            None => std::env::remove_var("RUST_LOG"),
+        }
+        let mut daemon = started?;
+        let url = cluster.node_url(1);
+        let second = std::thread::scope(|s| {
+            let long = s.spawn(|| cluster.http_paced(&url, 20, 100, true));
+            std::thread::sleep(Duration::from_millis(500));
+            let second = cluster.http_get(&url);
+            let _ = long.join();
+            second
+        });
+        ensure!(
+            second.is_err(),
+            "a second flow got a source port from a range of one"
+        );
+        let stats = daemon.stats_json()?;
+        ensure!(
+            stats["reasons"]["pass_snat_exhausted"]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "{stats}"
+        );
+        let exhausted = forwarder_common::Reason::PassSnatExhausted as u32;
+        daemon.wait_for_log(
+            &format!("reason {exhausted} on ifindex"),
+            Duration::from_secs(5),
+        )?;
+        daemon.stop()?;
+        Ok(())
+    })());
+}
