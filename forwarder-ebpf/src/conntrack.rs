@@ -152,36 +152,12 @@ pub fn decide<E: EgressLookup>(
         if snat_addr == 0 {
             return Err(Reason::PassNoSnatAddr);
         }
-        let reply = CtEntry {
-            new_saddr_be: h.daddr,
-            new_daddr_be: h.saddr,
-            new_sport_be: h.dport,
-            new_dport_be: h.sport,
-            stats_slot: fe.stats_slot,
-            last_seen_ns: now,
-            created_ns: now,
-            flags: CT_F_REPLY | CT_F_SNAT,
-            state,
-            generation: generation(),
-            backend_slot: be.stats_slot,
-        };
+        let reply = reply_entry(h, &fe, &be, now, state, CT_F_SNAT);
         let (port, rkey) = claim_snat_port(&cfg, hash, be, snat_addr, h.proto, &reply)?;
         (snat_addr, port, rkey)
     } else {
         let rkey = CtKey::new(be.addr_be, be.port_be, h.saddr, h.sport, h.proto);
-        let reply = CtEntry {
-            new_saddr_be: h.daddr,
-            new_daddr_be: h.saddr,
-            new_sport_be: h.dport,
-            new_dport_be: h.sport,
-            stats_slot: fe.stats_slot,
-            last_seen_ns: now,
-            created_ns: now,
-            flags: CT_F_REPLY,
-            state,
-            generation: generation(),
-            backend_slot: be.stats_slot,
-        };
+        let reply = reply_entry(h, &fe, &be, now, state, 0);
         if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
             return Err(Reason::PassCtCollision);
         }
@@ -216,6 +192,32 @@ pub fn decide<E: EgressLookup>(
     }
     stats::count(Reason::CtCreated);
     Ok(Translation::from_entry(&forward))
+}
+
+/// The reply direction's entry: whatever the backend sends back is rewritten
+/// to come from the frontend the client addressed, to the client.
+#[inline(always)]
+fn reply_entry(
+    h: &Headers,
+    fe: &Frontend,
+    be: &Backend,
+    now: u64,
+    state: u8,
+    flags: u8,
+) -> CtEntry {
+    CtEntry {
+        new_saddr_be: h.daddr,
+        new_daddr_be: h.saddr,
+        new_sport_be: h.dport,
+        new_dport_be: h.sport,
+        stats_slot: fe.stats_slot,
+        last_seen_ns: now,
+        created_ns: now,
+        flags: CT_F_REPLY | flags,
+        state,
+        generation: generation(),
+        backend_slot: be.stats_slot,
+    }
 }
 
 /// Picks a free source port for a source-NATed flow by claiming its reply

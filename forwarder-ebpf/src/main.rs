@@ -15,6 +15,7 @@ mod nat;
 mod parse;
 mod stats;
 mod tc;
+mod verdict;
 mod xdp;
 
 #[cfg(not(test))]

@@ -18,55 +18,10 @@ use crate::{
     nat,
     parse::{self, Headers, MAX_HEADERS_LEN},
     stats,
+    verdict::{Action, Verdict},
 };
 
 const AF_INET: u32 = 2;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Action {
-    /// Rewritten: into a local pod's namespace.
-    Peer,
-    /// Rewritten: out of the egress device.
-    Redirect,
-    /// Rewritten: out of the egress device, the kernel resolving the next hop.
-    Neigh,
-    Pass,
-    Drop,
-}
-
-/// Every field is always set: the verifier rejects copies of values that
-/// are only partly initialised (as enum payloads can be).
-#[derive(Clone, Copy)]
-struct Verdict {
-    action: Action,
-    reason: Reason,
-    ifindex: u32,
-    nexthop: u32,
-}
-
-impl Verdict {
-    const fn not_ours(reason: Reason) -> Self {
-        Verdict {
-            action: if reason.is_drop() {
-                Action::Drop
-            } else {
-                Action::Pass
-            },
-            reason,
-            ifindex: 0,
-            nexthop: 0,
-        }
-    }
-
-    const fn forward(action: Action, reason: Reason, ifindex: u32, nexthop: u32) -> Self {
-        Verdict {
-            action,
-            reason,
-            ifindex,
-            nexthop,
-        }
-    }
-}
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
@@ -84,7 +39,8 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         );
     }
     let action = match verdict.action {
-        Action::Pass => {
+        // XDP's own action; tc never decides it.
+        Action::Tx | Action::Pass => {
             stats::count(verdict.reason);
             return TC_ACT_OK;
         }

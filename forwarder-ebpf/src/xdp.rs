@@ -16,38 +16,8 @@ use crate::{
     nat,
     parse::{self, Headers},
     stats,
+    verdict::{Action, Verdict},
 };
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Action {
-    Tx,
-    Redirect,
-    Pass,
-    Drop,
-}
-
-/// What XDP does with a packet, decided in one place. Every field is always
-/// set (the verifier rejects copies of partly initialised values).
-#[derive(Clone, Copy)]
-struct Verdict {
-    action: Action,
-    reason: Reason,
-    ifindex: u32,
-}
-
-impl Verdict {
-    const fn not_ours(reason: Reason) -> Self {
-        Verdict {
-            action: if reason.is_drop() {
-                Action::Drop
-            } else {
-                Action::Pass
-            },
-            reason,
-            ifindex: 0,
-        }
-    }
-}
 
 #[xdp]
 pub fn xdp_ingress(ctx: XdpContext) -> u32 {
@@ -81,7 +51,8 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
             }
             action
         }
-        Action::Pass => {
+        // tc's own actions; XDP never decides them.
+        Action::Pass | Action::Peer | Action::Neigh => {
             stats::count(verdict.reason);
             XDP_PASS
         }
@@ -136,9 +107,5 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
     } else {
         Action::Redirect
     };
-    Ok(Verdict {
-        action,
-        reason: Reason::XdpTx,
-        ifindex: route.ifindex,
-    })
+    Ok(Verdict::forward(action, Reason::XdpTx, route.ifindex, 0))
 }

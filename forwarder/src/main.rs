@@ -91,26 +91,11 @@ enum Command {
         health_timeout: Duration,
     },
     /// Interfaces and attach modes, program ids, what is programmed, map fill, daemon health.
-    Status {
-        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
-        pin_dir: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
-        output: Output,
-    },
+    Status(Inspect),
     /// Frontends (address:port/protocol) and their backends, with counters.
-    Services {
-        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
-        pin_dir: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
-        output: Output,
-    },
+    Services(Inspect),
     /// Live flows: client, frontend, backend, source NAT, state, age.
-    Conntrack {
-        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
-        pin_dir: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
-        output: Output,
-    },
+    Conntrack(Inspect),
     /// Detach every program and remove the pins: kube-proxy handles all traffic again.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
@@ -120,12 +105,16 @@ enum Command {
         stay: bool,
     },
     /// Print the datapath's counters from the pinned maps.
-    Stats {
-        #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
-        pin_dir: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
-        output: Output,
-    },
+    Stats(Inspect),
+}
+
+/// Where to read the datapath's pinned state, and how to print it.
+#[derive(clap::Args)]
+struct Inspect {
+    #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
+    pin_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -261,21 +250,23 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { pin_dir, output } => {
+        Command::Status(Inspect { pin_dir, output }) => {
             let maps = inspect::open(&pin_dir)?;
             let s = inspect::status(&maps, &pin_dir)?;
             print_as(output, &s, inspect::render_status)
         }
-        Command::Services { pin_dir, output } => {
+        Command::Services(Inspect { pin_dir, output }) => {
             let maps = inspect::open(&pin_dir)?;
             let rows = inspect::services(&maps)?;
             print_as(output, &rows, |r| inspect::render_services(r))
         }
-        Command::Conntrack { pin_dir, output } => {
+        Command::Conntrack(Inspect { pin_dir, output }) => {
             let maps = inspect::open(&pin_dir)?;
             let rows = inspect::conntrack(&maps)?;
             print_as(output, &rows, |r| inspect::render_conntrack(r))
         }
-        Command::Stats { pin_dir, output } => stats::run(&pin_dir, matches!(output, Output::Json)),
+        Command::Stats(Inspect { pin_dir, output }) => {
+            stats::run(&pin_dir, matches!(output, Output::Json))
+        }
     }
 }
