@@ -495,3 +495,21 @@ impl Drop for Daemon {
         // mount) goes next, as a field.
     }
 }
+
+/// Packets `forwarder stats --output json` counted for the service port that
+/// serves `frontend` (`"192.0.2.1:31380/TCP"`).
+pub fn frontend_packets(stats: &serde_json::Value, frontend: &str) -> u64 {
+    stats["services"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| {
+                    s["frontends"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|f| f.as_str() == Some(frontend)))
+                })
+                .filter_map(|s| s["packets"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -31,6 +31,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::{
+    daemon::frontend_packets,
     daemon::Daemon,
     kube_proxy::{
         self, counters, install, restore_input, zero_counters, Backend, Cidr, KpConfig, KpEndpoint,
@@ -42,7 +43,6 @@ use integration_tests::{
         UDP_NODE_PORT, UDP_PORT,
     },
 };
-use serde_json::Value;
 
 /// The Service, as the forwarder's manifests and kube-proxy's rules name it.
 const SERVICE: &str = "productpage";
@@ -228,18 +228,6 @@ fn check_iptables_carried(phase: &str, w: Watched) -> Result<()> {
         w.invalid_dropped
     );
     Ok(())
-}
-
-fn frontend_packets(stats: &Value, frontend: &str) -> u64 {
-    stats["services"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|s| s["frontend"].as_str() == Some(frontend))
-                .filter_map(|s| s["packets"].as_u64())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The forwarder phase: traffic, then the counters.

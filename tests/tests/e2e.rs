@@ -27,6 +27,7 @@ use std::{
 use anyhow::{anyhow, ensure, Context, Result};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use integration_tests::{
+    daemon::frontend_packets,
     daemon::{Daemon, DaemonOptions},
     netns::{self, Offload},
     skip_unless_netns_capable,
@@ -82,19 +83,6 @@ fn explain<T>(daemon: &Daemon, result: Result<T>) -> Result<T> {
 /// `reasons.<name>` of the stats (0 when absent).
 fn reason(stats: &Value, name: &str) -> u64 {
     stats["reasons"][name].as_u64().unwrap_or(0)
-}
-
-/// Packets counted for `frontend` (`"192.0.2.1:31380/TCP"`) over all entries.
-fn frontend_packets(stats: &Value, frontend: &str) -> u64 {
-    stats["services"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|s| s["frontend"].as_str() == Some(frontend))
-                .filter_map(|s| s["packets"].as_u64())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The X-Client address a pod must see: the client's own when the pod is on
