@@ -55,6 +55,11 @@ use crate::source::ObjectSet;
 pub const LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// Watch events received (list items, changes, deletions), for metrics.
+pub static WATCH_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Failed lists and watches (each retried with backoff), for metrics.
+pub static WATCH_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Timing of the Kubernetes source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchOptions {
@@ -430,6 +435,8 @@ pub async fn watch_kubernetes(
             event = events.next() => {
                 // The watchers retry forever: their streams do not end.
                 let Some((kind, step)) = event else { return };
+                let counter = if matches!(step, Step::Failed) { &WATCH_ERRORS } else { &WATCH_EVENTS };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match step {
                     Step::Listing | Step::Failed => {}
                     Step::Listed => {

@@ -175,6 +175,27 @@ impl Collector for DatapathCollector {
                 ConstGauge::new(1i64),
             )],
         )?;
+        use crate::kube_source::{WATCH_ERRORS, WATCH_EVENTS};
+        family(
+            &mut encoder,
+            "forwarder_watch_events",
+            "Kubernetes watch events received (list items, changes, deletions)",
+            MetricType::Counter,
+            [(
+                vec![],
+                ConstCounter::new(WATCH_EVENTS.load(Ordering::Relaxed)),
+            )],
+        )?;
+        family(
+            &mut encoder,
+            "forwarder_watch_errors",
+            "Failed Kubernetes lists and watches (retried with backoff)",
+            MetricType::Counter,
+            [(
+                vec![],
+                ConstCounter::new(WATCH_ERRORS.load(Ordering::Relaxed)),
+            )],
+        )?;
         let maps = match Maps::open_pinned(&self.pin_dir) {
             Ok(m) => m,
             Err(e) => {

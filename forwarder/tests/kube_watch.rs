@@ -608,6 +608,8 @@ async fn a_dropped_connection_backs_off_and_resumes_where_it_was() {
     let generation = daemon.generation();
 
     // The connection drops mid-watch, then the API server is unreachable.
+    let errors_before =
+        forwarder::kube_source::WATCH_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
     let dropped = Instant::now();
     services.break_connection();
     let again = api.next(Kind::Services).await;
@@ -625,6 +627,12 @@ async fn a_dropped_connection_backs_off_and_resumes_where_it_was() {
     );
     // Meanwhile the last state stays, and nothing is published.
     assert_eq!(daemon.generation(), generation);
+    // The failures are counted for the metrics (other tests may add theirs).
+    let errors = forwarder::kube_source::WATCH_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        errors >= errors_before + 2,
+        "watch errors {errors_before} -> {errors}"
+    );
     assert_eq!(daemon.maps.render(), want);
 
     // Back: it resumes from the last resourceVersion (no relist) and
