@@ -1,11 +1,11 @@
 //! `forwarder stats`: counters read from the pinned maps.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Result;
 use forwarder_common::Reason;
 use serde::Serialize;
 
-use crate::{maps::Maps, model::Protocol};
+use crate::{inspect, maps::Maps};
 
 #[derive(Debug, Serialize)]
 pub struct ServiceStats {
@@ -25,31 +25,16 @@ pub struct Stats {
 }
 
 pub fn collect(maps: &Maps) -> Result<Stats> {
-    let snapshot = maps.snapshot()?;
-    let mut frontends_of: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for (k, v) in &snapshot.frontends {
-        let proto =
-            Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string());
-        frontends_of.entry(v.stats_slot).or_default().push(format!(
-            "{}:{}/{}",
-            Ipv4Addr::from(k.addr_be.to_ne_bytes()),
-            u16::from_be(k.port_be),
-            proto
-        ));
-    }
-    let mut services = Vec::new();
-    for (slot, label) in &snapshot.labels {
-        let totals = maps.service_totals(*slot)?;
-        let frontends = frontends_of.remove(slot).unwrap_or_default();
-        services.push(ServiceStats {
-            service: label.clone(),
-            frontend: frontends.first().cloned().unwrap_or_default(),
-            frontends,
-            packets: totals.packets,
-            bytes: totals.bytes,
-        });
-    }
-    services.sort_by(|a, b| a.service.cmp(&b.service));
+    let services = inspect::services(maps)?
+        .into_iter()
+        .map(|row| ServiceStats {
+            service: row.service,
+            frontend: row.frontends.first().cloned().unwrap_or_default(),
+            frontends: row.frontends,
+            packets: row.packets,
+            bytes: row.bytes,
+        })
+        .collect();
     Ok(Stats {
         reasons: maps.reason_totals()?,
         services,
