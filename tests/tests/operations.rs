@@ -170,7 +170,10 @@ fn a_stopped_daemon_keeps_forwarding_until_uninstall() {
             let r = cluster.http_get(&cluster.node_url(1))?;
             ensure!(r.status == 200, "{r:?}");
             if r.pod == local_pod {
-                ensure!(r.client_ip() == CLIENT_IP.to_string(), "client address lost: {r:?}");
+                ensure!(
+                    r.client_ip() == CLIENT_IP.to_string(),
+                    "client address lost: {r:?}"
+                );
             }
         }
         ensure!(daemon.pin_dir_exists()?, "pins gone after a plain stop");
