@@ -3,8 +3,11 @@
 //! - `setup`: install the nightly toolchain pieces, bpf-linker and the Debian
 //!   packages (idempotent).
 //! - `build`: setup, then build the daemon and the integration-test binaries.
-//! - `test`: setup, build, lint, unit tests, integration tests (root).
+//! - `test`: setup, build, lint, unit tests, integration tests and a quick
+//!   benchmark into a temporary directory (root).
 //! - `demo`: setup, build, then run the NodePort demo (root).
+//! - `bench [--quick] [--out DIR]`: setup, build, then the benchmark against
+//!   kube-proxy's iptables rules; the report goes to `bench/` (root).
 
 mod cmd;
 mod llvm;
@@ -20,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Build, test and demo the forwarder"
+    about = "Build, test, demo and benchmark the forwarder"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,8 +39,10 @@ enum Task {
     /// Setup, then build target/release/forwarder (with its eBPF programs)
     /// and the integration-test helper binaries.
     Build,
-    /// Setup, build, rustfmt + clippy, unit tests and integration tests.
-    /// Needs root: creates network namespaces and loads eBPF.
+    /// Setup, build, rustfmt + clippy, unit tests, integration tests and
+    /// `bench --quick` into a temporary directory (fails only if the
+    /// benchmark harness fails, never on timings). Needs root: creates
+    /// network namespaces and loads eBPF.
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
@@ -50,6 +55,20 @@ enum Task {
     /// network namespaces; exits with the demo's exit code. Needs root.
     Demo {
         /// Passed to the demo binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then benchmark the forwarder against kube-proxy's
+    /// iptables rules (legacy and nft) and the path's physical limit; writes
+    /// the report (Markdown tables, SVG plots, raw data). Needs root.
+    Bench {
+        /// Every measurement once at the smallest scale (under five minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes (default: bench/ in the workspace).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// Passed to the bench binary (e.g. `--runs 7`, `--only 1,5`).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -71,6 +90,7 @@ fn run(task: Task) -> Result<ExitCode> {
             integration_args,
         })?,
         Task::Demo { args } => return tasks::demo(&args),
+        Task::Bench { quick, out, args } => tasks::bench(quick, out, &args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! `build`, `test` and `demo`.
+//! `build`, `test`, `demo` and `bench`.
 
 use std::{
     os::unix::process::ExitStatusExt as _,
@@ -253,6 +253,27 @@ pub fn test(options: &TestOptions) -> Result<()> {
                 cmd::run(&mut cmd)
             }),
         ),
+        step(
+            "bench --quick",
+            false,
+            Box::new(|| {
+                // A temporary report: the harness must work; timings are
+                // never asserted (the bench exits non-zero only when a
+                // measurement could not run).
+                let out = std::env::temp_dir()
+                    .join(format!("forwarder-bench-quick-{}", std::process::id()));
+                let result = run_bench(p, true, &out, &[]);
+                if result.is_ok() {
+                    let _ = std::fs::remove_dir_all(&out);
+                } else {
+                    eprintln!(
+                        "xtask: the quick benchmark's report is in {}",
+                        out.display()
+                    );
+                }
+                result
+            }),
+        ),
     ];
 
     let mut results: Vec<(&str, Outcome)> = Vec::new();
@@ -344,6 +365,56 @@ pub fn demo(args: &[String]) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::from(code))
+}
+
+/// Runs `target/release/bench` (as root) with the binaries' environment.
+fn run_bench(paths: &Paths, quick: bool, out: &Path, extra: &[String]) -> Result<()> {
+    let bench = paths.release.join("bench");
+    if !bench.is_file() {
+        bail!(
+            "{} does not exist: the integration-tests crate (tests/) has no `bench` binary \
+             (expected at tests/src/bin/bench.rs)",
+            bench.display()
+        );
+    }
+    let mut shown = String::from("cargo xtask bench");
+    if quick {
+        shown.push_str(" --quick");
+    }
+    let mut cmd = Command::new(&bench);
+    cmd.current_dir(&paths.workspace).arg("--out").arg(out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if !extra.is_empty() {
+        shown.push_str(" --");
+        for a in extra {
+            shown.push(' ');
+            shown.push_str(&cmd::shell_quote(a));
+        }
+    }
+    cmd.args(extra).env("BENCH_COMMAND", shown);
+    paths.binary_env(&mut cmd);
+    cmd::run(&mut cmd)
+}
+
+/// `cargo xtask bench`: setup, build, then the benchmark into `out`
+/// (default `bench/` in the workspace).
+pub fn bench(quick: bool, out: Option<PathBuf>, extra: &[String]) -> Result<()> {
+    require_root("bench")?;
+    let paths = paths()?;
+    setup::setup()?;
+    build(&paths)?;
+    let out = out.unwrap_or_else(|| paths.workspace.join("bench"));
+    let out = if out.is_absolute() {
+        out
+    } else {
+        std::env::current_dir()
+            .context("current directory")?
+            .join(out)
+    };
+    say!("benchmark report: {}", out.display());
+    run_bench(&paths, quick, &out, extra)
 }
 
 /// The exit code a shell would report: the code itself, or 128 + signal.
