@@ -493,3 +493,77 @@ fn xdp_link_create(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
         std::mem::size_of::<LinkCreateAttr>(),
     )
 }
+
+/// A node namespace for running the datapath's programs through
+/// BPF_PROG_TEST_RUN: `eth0` (192.0.2.1/24, MAC 02:00:00:00:00:01) facing
+/// the client (192.0.2.100) and node2 (192.0.2.2, behind which 10.244.2.0/24
+/// lives), `cali1` (MAC 02:00:00:00:0c:01) leading to a local pod at
+/// 10.244.1.10, with permanent neighbours so FIB lookups succeed, and
+/// forwarding on. Named `<unique prefix><suffix>`.
+pub fn test_run_node(suffix: &str) -> Result<Netns> {
+    let ns = Netns::create(&format!("{}{suffix}", unique_prefix()))?;
+    let commands: [&[&str]; 14] = [
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+        ],
+        &[
+            "link", "add", "cali1", "type", "veth", "peer", "name", "pod1",
+        ],
+        &["link", "set", "eth0", "address", "02:00:00:00:00:01"],
+        &["link", "set", "cali1", "address", "02:00:00:00:0c:01"],
+        &["link", "set", "eth0", "up"],
+        &["link", "set", "wire0", "up"],
+        &["link", "set", "cali1", "up"],
+        &["link", "set", "pod1", "up"],
+        &["addr", "add", "192.0.2.1/24", "dev", "eth0"],
+        &["route", "add", "10.244.1.10/32", "dev", "cali1"],
+        &[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "eth0",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.100",
+            "lladdr",
+            "02:00:00:00:00:64",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "replace",
+            "10.244.1.10",
+            "lladdr",
+            "02:00:00:00:01:10",
+            "dev",
+            "cali1",
+            "nud",
+            "permanent",
+        ],
+    ];
+    for args in commands {
+        ns.ip(args)?;
+    }
+    ns.sysctl("ipv4.ip_forward", "1")?;
+    ns.sysctl("ipv4.conf.all.forwarding", "1")?;
+    Ok(ns)
+}

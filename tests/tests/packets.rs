@@ -23,10 +23,7 @@ use forwarder_common::{
     program_names, Config, CtKey, IfaceInfo, Reason, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER,
     IFACE_F_XDP_TX,
 };
-use integration_tests::{
-    netns::{unique_prefix, Netns},
-    skip_unless_netns_capable,
-};
+use integration_tests::{netns::Netns, skip_unless_netns_capable};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -64,70 +61,7 @@ struct Rig {
 }
 
 fn setup_namespace() -> Result<Netns> {
-    let ns = Netns::create(&format!("{}pk", unique_prefix()))?;
-    for args in [
-        &[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
-        ][..],
-        &[
-            "link", "add", "cali1", "type", "veth", "peer", "name", "pod1",
-        ],
-        &["link", "set", "eth0", "address", "02:00:00:00:00:01"],
-        &["link", "set", "cali1", "address", "02:00:00:00:0c:01"],
-        &["link", "set", "eth0", "up"],
-        &["link", "set", "wire0", "up"],
-        &["link", "set", "cali1", "up"],
-        &["link", "set", "pod1", "up"],
-        &["addr", "add", "192.0.2.1/24", "dev", "eth0"],
-        &["route", "add", "10.244.1.10/32", "dev", "cali1"],
-        &[
-            "route",
-            "add",
-            "10.244.2.0/24",
-            "via",
-            "192.0.2.2",
-            "dev",
-            "eth0",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "192.0.2.2",
-            "lladdr",
-            "02:00:00:00:00:02",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "192.0.2.100",
-            "lladdr",
-            "02:00:00:00:00:64",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "10.244.1.10",
-            "lladdr",
-            "02:00:00:00:01:10",
-            "dev",
-            "cali1",
-            "nud",
-            "permanent",
-        ],
-    ] {
-        ns.ip(args)?;
-    }
-    ns.sysctl("ipv4.ip_forward", "1")?;
-    ns.sysctl("ipv4.conf.all.forwarding", "1")?;
-    Ok(ns)
+    integration_tests::netns::test_run_node("pk")
 }
 
 fn frontend(

@@ -50,7 +50,7 @@ use super::{
     bpf::{self, Prog},
     frames, median, scales, Options, Results,
 };
-use crate::netns::{unique_prefix, Netns};
+use crate::netns::{self, Netns};
 
 const M: u32 = 1;
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -75,7 +75,7 @@ pub fn run(options: &Options, results: &mut Results) -> Result<()> {
         eprintln!("bench: [1] {services} Services");
         let ns = setup_namespace()?;
         let name = ns.name().to_string();
-        crate::netns::run_in(&name, || {
+        netns::run_in(&name, || {
             let mut rig = Rig::new(services)?;
             for run in 0..options.runs {
                 rig.measure(results, services, calls, repeat)
@@ -132,68 +132,7 @@ pub fn run(options: &Options, results: &mut Results) -> Result<()> {
 }
 
 fn setup_namespace() -> Result<Netns> {
-    let ns = Netns::create(&format!("{}b1", unique_prefix()))?;
-    for args in [
-        &[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
-        ][..],
-        &[
-            "link", "add", "cali1", "type", "veth", "peer", "name", "pod1",
-        ],
-        &["link", "set", "eth0", "address", "02:00:00:00:00:01"],
-        &["link", "set", "eth0", "up"],
-        &["link", "set", "wire0", "up"],
-        &["link", "set", "cali1", "up"],
-        &["link", "set", "pod1", "up"],
-        &["addr", "add", "192.0.2.1/24", "dev", "eth0"],
-        &["route", "add", "10.244.1.10/32", "dev", "cali1"],
-        &[
-            "route",
-            "add",
-            "10.244.2.0/24",
-            "via",
-            "192.0.2.2",
-            "dev",
-            "eth0",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "192.0.2.2",
-            "lladdr",
-            "02:00:00:00:00:02",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "192.0.2.100",
-            "lladdr",
-            "02:00:00:00:00:64",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "replace",
-            "10.244.1.10",
-            "lladdr",
-            "02:00:00:00:01:10",
-            "dev",
-            "cali1",
-            "nud",
-            "permanent",
-        ],
-    ] {
-        ns.ip(args)?;
-    }
-    ns.sysctl("ipv4.ip_forward", "1")?;
-    Ok(ns)
+    netns::test_run_node("b1")
 }
 
 struct Rig {
