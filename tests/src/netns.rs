@@ -567,3 +567,24 @@ pub fn test_run_node(suffix: &str) -> Result<Netns> {
     ns.sysctl("ipv4.conf.all.forwarding", "1")?;
     Ok(ns)
 }
+
+/// Fills the interfaces map as the daemon would for the devices of
+/// [`test_run_node`]: `eth0` external (XDP transmit, source-NAT address
+/// 192.0.2.1) and `cali1` a pod veth. Call from inside that namespace;
+/// returns their ifindexes `(eth0, cali1)`.
+pub fn configure_test_run_node(maps: &mut forwarder::maps::Maps) -> Result<(u32, u32)> {
+    use forwarder_common::{IfaceInfo, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER, IFACE_F_XDP_TX};
+    let eth0 = forwarder::netdev::ifindex("eth0")?;
+    let cali = forwarder::netdev::ifindex("cali1")?;
+    let external = IfaceInfo {
+        snat_addr_be: u32::from_ne_bytes([192, 0, 2, 1]),
+        flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
+    };
+    maps.ifaces.insert(eth0, external, 0)?;
+    let pod = IfaceInfo {
+        snat_addr_be: 0,
+        flags: IFACE_F_VETH_PEER,
+    };
+    maps.ifaces.insert(cali, pod, 0)?;
+    Ok((eth0, cali))
+}

@@ -19,10 +19,7 @@ use forwarder::{
     model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
     plan,
 };
-use forwarder_common::{
-    program_names, Config, CtKey, IfaceInfo, Reason, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER,
-    IFACE_F_XDP_TX,
-};
+use forwarder_common::{program_names, Config, CtKey, Reason};
 use integration_tests::{netns::Netns, skip_unless_netns_capable};
 
 const XDP_DROP: u32 = 1;
@@ -92,27 +89,10 @@ fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
 impl Rig {
     /// Must run inside the namespace (fib lookups use the caller's).
     fn new(ns: Netns) -> Result<Rig> {
-        let eth0 = ifindex("eth0")?;
-        let cali = ifindex("cali1")?;
         let mut ebpf = Ebpf::load(forwarder::EBPF_OBJECT).context("loading the eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
+        let (eth0, cali) = integration_tests::netns::configure_test_run_node(&mut maps)?;
         maps.config.set(0, Config::default(), 0)?;
-        maps.ifaces.insert(
-            eth0,
-            IfaceInfo {
-                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-                flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
-            },
-            0,
-        )?;
-        maps.ifaces.insert(
-            cali,
-            IfaceInfo {
-                snat_addr_be: 0,
-                flags: IFACE_F_VETH_PEER,
-            },
-            0,
-        )?;
         let mut local_policy = frontend(NP_LOCAL_POLICY_EMPTY, Protocol::Tcp, vec![]);
         local_policy.1.no_snat = true;
         local_policy.1.drop_if_empty = true;
@@ -223,10 +203,6 @@ impl Rig {
     fn has_flow(&self, key: CtKey) -> bool {
         self.maps.conntrack.get(&key, 0).is_ok()
     }
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    forwarder::netdev::ifindex(name).map_err(|e| anyhow!(e))
 }
 
 /// Builds and runs the rig inside a fresh namespace.

@@ -42,8 +42,8 @@ use forwarder::{
     plan,
 };
 use forwarder_common::{
-    map_names, program_names, Backend, BackendKey, Config, CtKey, Frontend, FrontendKey, IfaceInfo,
-    IFACE_F_EXTERNAL, IFACE_F_VETH_PEER, IFACE_F_XDP_TX, IPPROTO_TCP,
+    map_names, program_names, Backend, BackendKey, Config, CtKey, Frontend, FrontendKey,
+    IPPROTO_TCP,
 };
 
 use super::{
@@ -169,8 +169,6 @@ impl Rig {
     /// `services`, programs them, attaches XDP to eth0 (a test run with an
     /// ingress ifindex needs the device's XDP receive queue).
     fn new(services: u64) -> Result<Rig> {
-        let eth0 = forwarder::netdev::ifindex("eth0")?;
-        let cali = forwarder::netdev::ifindex("cali1")?;
         let fillers = services.saturating_sub(2);
         let frontends = u32::try_from(fillers + 16)
             .context("too many Services")?
@@ -182,28 +180,13 @@ impl Rig {
             .load(forwarder::EBPF_OBJECT)
             .context("loading the forwarder's eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
+        let (eth0, _cali) = netns::configure_test_run_node(&mut maps)?;
         let config = Config {
             snat_port_min: 1024,
             snat_port_max: 65_535,
             ..Config::default()
         };
         maps.config.set(0, config, 0)?;
-        maps.ifaces.insert(
-            eth0,
-            IfaceInfo {
-                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-                flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
-            },
-            0,
-        )?;
-        maps.ifaces.insert(
-            cali,
-            IfaceInfo {
-                snat_addr_be: 0,
-                flags: IFACE_F_VETH_PEER,
-            },
-            0,
-        )?;
         let desired = Desired {
             frontends: [
                 measured(NP_REMOTE, REMOTE_POD, false),
