@@ -15,6 +15,8 @@ use bytemuck::{Pod, Zeroable};
 /// IP protocol numbers we translate.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// ICMP errors about translated flows are translated with them.
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// Map names, as the eBPF object defines them and as they are pinned.
 pub mod map_names {
@@ -28,8 +30,11 @@ pub mod map_names {
     pub const SERVICE_LABELS: &str = "SERVICE_LABELS";
     pub const STATUS: &str = "STATUS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const BACKEND_MEMBERS: &str = "BACKEND_MEMBERS";
+    pub const FLOW_PASS_STATS: &str = "FLOW_PASS_STATS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
@@ -40,6 +45,9 @@ pub mod map_names {
         SERVICE_LABELS,
         STATUS,
         BACKEND_STATS,
+        AFFINITY,
+        BACKEND_MEMBERS,
+        FLOW_PASS_STATS,
     ];
 }
 
@@ -64,6 +72,8 @@ pub const MAX_STATS_SLOTS: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 16_384;
 /// Upper bound on backends of one frontend (keeps the choice loop-free).
 pub const MAX_BACKENDS_PER_FRONTEND: u32 = 65_535;
+/// Default capacity of the sessionAffinity ClientIP table (LRU).
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
 
 /// Key of the frontends map: one entry per (address, port, protocol) we accept.
 #[repr(C)]
@@ -94,8 +104,12 @@ pub struct Frontend {
     pub stats_slot: u32,
     /// `FRONTEND_F_*`.
     pub flags: u32,
+    /// sessionAffinity ClientIP: how long (seconds) a client's last new
+    /// connection keeps it on its backend; 0 means no affinity.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+const _: () = assert!(core::mem::size_of::<Frontend>() == 24);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
@@ -104,6 +118,43 @@ pub struct BackendKey {
     pub index: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+
+/// Key of the backend-membership map: is `addr:port` in backend set
+/// `backend_set`, and at which index? Written only for the sets of
+/// frontends with session affinity, so a client's remembered backend can be
+/// checked without walking the set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MemberKey {
+    pub backend_set: u32,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 12);
+
+/// Key of the affinity map: one client of one Service port (the Service
+/// port's counters slot names it, as it is shared by all its frontends).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client_addr_be: u32,
+    pub service_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+/// Value of the affinity map: the backend of the client's last new
+/// connection, and when that was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_coarse_ns` of the client's last new connection.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 /// The backend runs on this node: keep the client address, no source NAT.
 pub const BACKEND_F_LOCAL: u16 = 1 << 0;
@@ -161,13 +212,16 @@ pub const CT_F_REPLY: u8 = 1 << 0;
 pub const CT_F_SNAT: u8 = 1 << 1;
 
 /// TCP and UDP flow states, shared by both entries of a flow.
+/// TCP: the client's SYN was seen (nf_conntrack's SYN_SENT). UDP: no reply yet.
 pub const CT_STATE_NEW: u8 = 0;
-/// TCP: established (or picked up mid-stream). UDP: a reply was seen.
+/// TCP: the client's ACK of the backend's SYN-ACK was seen. UDP: a reply was seen.
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// TCP: a FIN was seen.
 pub const CT_STATE_FIN: u8 = 2;
 /// TCP: a RST was seen.
 pub const CT_STATE_CLOSED: u8 = 3;
+/// TCP: the backend's SYN-ACK was seen, the client's ACK not yet (SYN_RECV).
+pub const CT_STATE_SYN_RECV: u8 = 4;
 
 /// Value of the conntrack map: how to rewrite a packet matching [`CtKey`].
 ///
@@ -195,8 +249,14 @@ pub struct CtEntry {
     pub generation: u16,
     /// Index into the per-backend counters.
     pub backend_slot: u32,
+    /// The device this direction's packets must arrive on (0: any external
+    /// device): a reply is translated only when it comes in where the
+    /// backend's replies come in.
+    pub ifindex: u32,
+    /// The peer entry's `ifindex`, so either entry can rebuild the other.
+    pub peer_ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
 
 impl CtEntry {
     /// The key of the other direction of this flow.
@@ -291,8 +351,12 @@ pub struct IfaceInfo {
     pub snat_addr_be: u32,
     /// `IFACE_F_*`.
     pub flags: u32,
+    /// For a bridge port: the bridge's ifindex (routes name the bridge, a
+    /// pod's replies come in on its port); 0 otherwise.
+    pub master_ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 16);
 
 /// Datapath settings, the single entry of the config array.
 #[repr(C)]
@@ -301,15 +365,21 @@ pub struct Config {
     /// Source ports for source-NATed flows, host byte order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// `CONFIG_F_*`.
+    pub flags: u32,
     pub tcp_syn_timeout_ns: u64,
+    pub tcp_syn_recv_timeout_ns: u64,
     pub tcp_established_timeout_ns: u64,
     pub tcp_fin_timeout_ns: u64,
     pub tcp_closed_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub udp_replied_timeout_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
+
+/// Draining: take no new flows (they go to the kernel, so kube-proxy), keep
+/// translating the existing ones.
+pub const CONFIG_F_DRAINING: u32 = 1 << 0;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -321,8 +391,9 @@ impl Default for Config {
         Config {
             snat_port_min: 61_000,
             snat_port_max: 65_535,
-            _pad: 0,
+            flags: 0,
             tcp_syn_timeout_ns: 120 * NS_PER_SEC,
+            tcp_syn_recv_timeout_ns: 60 * NS_PER_SEC,
             tcp_established_timeout_ns: 86_400 * NS_PER_SEC,
             tcp_fin_timeout_ns: 120 * NS_PER_SEC,
             tcp_closed_timeout_ns: 10 * NS_PER_SEC,
@@ -338,6 +409,7 @@ impl Config {
         if proto == IPPROTO_TCP {
             match state {
                 CT_STATE_NEW => self.tcp_syn_timeout_ns,
+                CT_STATE_SYN_RECV => self.tcp_syn_recv_timeout_ns,
                 CT_STATE_ESTABLISHED => self.tcp_established_timeout_ns,
                 CT_STATE_FIN => self.tcp_fin_timeout_ns,
                 _ => self.tcp_closed_timeout_ns,
@@ -400,10 +472,17 @@ reasons! {
     PassFibFailed = "pass_fib_failed": "passed: no route, or the route needs the kernel",
     PassNoSnatAddr = "pass_no_snat_addr": "passed: no node address to source-NAT from",
     PassStaleReply = "pass_stale_reply": "passed: reply to a flow that has expired",
+    PassNotSyn = "pass_not_syn": "passed: TCP packet of an untracked flow that is not a SYN (kube-proxy's flow, or nobody's)",
+    PassDraining = "pass_draining": "passed: the forwarder is draining, new flows go to kube-proxy",
+    PassWrongDevice = "pass_wrong_device": "passed: a flow's packet on a device its packets do not come in on",
+    PassIcmp = "pass_icmp": "passed: ICMP that quotes no flow of ours (the kernel's)",
+    XdpIcmpFragNeeded = "xdp_icmp_frag_needed": "answered by XDP with ICMP fragmentation needed (the route's MTU is smaller)",
     DropNoLocalBackend = "drop_no_local_backend": "dropped: externalTrafficPolicy Local with no local backend",
     DropRedirectFailed = "drop_redirect_failed": "dropped: a redirect helper failed after the rewrite",
     CtCreated = "ct_created": "new flows tracked (not a verdict)",
     CtRecycled = "ct_recycled": "expired or closed flows replaced by a new one (not a verdict)",
+    IcmpTranslated = "icmp_translated": "ICMP errors about a flow translated with it (not a verdict)",
+    AffinityHit = "affinity_hit": "new flows sent to the client's sessionAffinity backend (not a verdict)",
 }
 
 #[cfg(feature = "user")]
@@ -420,6 +499,9 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ServiceLabel {}
     unsafe impl aya::Pod for DaemonStatus {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]

@@ -1,15 +1,21 @@
-//! Flow decisions: an existing flow's translation, or a new flow's backend,
-//! source port and conntrack entries.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+//! Flow tracking: an existing flow's translation, and the entries of a new
+//! flow once its backend and route are known.
+//!
+//! The TCP states follow nf_conntrack where it matters: only a client's SYN
+//! creates a flow, the backend's SYN-ACK moves it to SYN_RECV and the
+//! client's ACK to ESTABLISHED, each state with its own timeout. A packet
+//! of a flow we do not track is never adopted mid-stream: it may be one that
+//! kube-proxy carries (started before the forwarder, or while it drained).
+use aya_ebpf::bindings::BPF_NOEXIST;
 use forwarder_common::{
-    hash::flow_hash, Backend, BackendKey, Config, CtEntry, CtKey, Frontend, FrontendKey, IfaceInfo,
-    Reason, BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN, CT_STATE_NEW, FRONTEND_F_DROP_IF_EMPTY, FRONTEND_F_NO_SNAT, IFACE_F_EXTERNAL,
-    IPPROTO_TCP,
+    Backend, Config, CtEntry, CtKey, Frontend, IfaceInfo, Reason, BACKEND_F_LOCAL, CT_F_REPLY,
+    CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_NEW,
+    CT_STATE_SYN_RECV, FRONTEND_F_NO_SNAT, IFACE_F_EXTERNAL, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, FRONTENDS, IFACES},
+    fib::Route,
+    maps::{CONNTRACK, IFACES},
     parse::{Headers, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -44,120 +50,155 @@ impl Translation {
     }
 }
 
-/// The route a new remote flow will take, needed to pick its source address.
-pub trait EgressLookup {
-    /// ifindex of the device that reaches `daddr` coming from `saddr`, if routable.
-    fn egress_ifindex(&self, h: &Headers, daddr: u32, dport: u16) -> Option<u32>;
-}
-
-#[inline(always)]
-fn config() -> Config {
-    match CONFIG.get(0) {
-        Some(c) => *c,
-        None => Config::default(),
-    }
-}
-
 /// Set by the loader (`--datapath-generation`); read-only to the programs.
 #[unsafe(no_mangle)]
 static DATAPATH_GENERATION: u32 = 0;
 
 #[inline(always)]
 fn generation() -> u16 {
-    // Volatile: the loader patches the value after compilation.
+    // SAFETY: a read of a plain static; volatile because the loader patches
+    // the value after compilation, so the compiler must not fold it.
     unsafe { core::ptr::read_volatile(&DATAPATH_GENERATION) as u16 }
 }
 
-#[inline(always)]
-fn now_ns() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
+/// The outcome of looking a packet's tuple up.
+pub struct Lookup {
+    /// Set when the packet belongs to a live flow: write this.
+    pub hit: bool,
+    pub t: Translation,
+    /// A closed flow whose tuple a new SYN reuses: replaced on commit.
+    pub stale: bool,
+    pub stale_peer: CtKey,
 }
 
-/// Finds or creates the translation for `h` arriving on `ingress`.
+/// Whether a packet arriving on `ingress_ifindex` may use `entry`: a
+/// client's packets come in on an external device, a backend's where its
+/// replies come back (the route toward it, or a port of that bridge).
 #[inline(always)]
-pub fn decide<E: EgressLookup>(
+fn arrived_where_expected(entry: &CtEntry, ingress_ifindex: u32, ingress: &IfaceInfo) -> bool {
+    if entry.ifindex == 0 {
+        ingress.flags & IFACE_F_EXTERNAL != 0
+    } else {
+        entry.ifindex == ingress_ifindex || ingress.master_ifindex == entry.ifindex
+    }
+}
+
+/// Looks `key` up for a packet with headers `h`.
+#[inline(always)]
+pub fn lookup(
+    key: &CtKey,
     h: &Headers,
+    ingress_ifindex: u32,
     ingress: &IfaceInfo,
-    egress: &E,
+    cfg: &Config,
+    now: u64,
+) -> Result<Lookup, Reason> {
+    let mut out = Lookup {
+        hit: false,
+        t: Translation::default(),
+        stale: false,
+        stale_peer: CtKey::default(),
+    };
+    let Some(entry) = CONNTRACK.get_ptr_mut(*key) else {
+        return Ok(out);
+    };
+    // SAFETY: a pointer the map just returned for this key; the entry stays
+    // allocated while the program runs (RCU), and a concurrent writer can at
+    // worst make us read a mix of two valid entries, which every field tolerates.
+    let entry = unsafe { &mut *entry };
+    if !arrived_where_expected(entry, ingress_ifindex, ingress) {
+        return Err(Reason::PassWrongDevice);
+    }
+    let is_reply = entry.flags & CT_F_REPLY != 0;
+    let closed = entry.state == CT_STATE_FIN || entry.state == CT_STATE_CLOSED;
+    let new_syn = h.proto == IPPROTO_TCP && is_syn(h) && closed;
+    if !new_syn && !expired(entry, h.proto, now, cfg) {
+        track(key, entry, h, is_reply, now);
+        out.hit = true;
+        out.t = Translation::from_entry(entry);
+        return Ok(out);
+    }
+    if is_reply {
+        return Err(Reason::PassStaleReply);
+    }
+    // A new connection reusing an old one's tuple: both entries are replaced.
+    out.stale = true;
+    out.stale_peer = entry.peer_key(h.proto);
+    Ok(out)
+}
+
+/// The translation of a live flow's entry at `key`, for a packet that only
+/// refers to the flow (an ICMP error quoting it): no state changes.
+#[inline(always)]
+pub fn peek(
+    key: &CtKey,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
 ) -> Result<Translation, Reason> {
-    let cfg = config();
-    let now = now_ns();
-    let key = CtKey::new(h.saddr, h.sport, h.daddr, h.dport, h.proto);
-    let mut stale_peer: Option<CtKey> = None;
-
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        let entry = unsafe { &mut *entry };
-        let is_reply = entry.flags & CT_F_REPLY != 0;
-        let new_syn = h.proto == IPPROTO_TCP
-            && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            && entry.state >= CT_STATE_FIN;
-        if !new_syn && !expired(entry, h.proto, now, &cfg) {
-            track(&key, entry, h, is_reply, now);
-            return Ok(Translation::from_entry(entry));
-        }
-        if is_reply {
-            return Err(Reason::PassStaleReply);
-        }
-        // A new connection reusing an old one's tuple: replace both entries.
-        stale_peer = Some(entry.peer_key(h.proto));
+    // SAFETY (get): a read-only copy of a map value of plain integers.
+    let Some(entry) = (unsafe { CONNTRACK.get(*key) }) else {
+        return Err(Reason::PassIcmp);
+    };
+    if !arrived_where_expected(entry, ingress_ifindex, ingress) {
+        return Err(Reason::PassWrongDevice);
     }
-
-    if ingress.flags & IFACE_F_EXTERNAL == 0 {
-        return Err(Reason::PassNoService);
+    if expired(entry, key.proto, now, cfg) {
+        return Err(Reason::PassIcmp);
     }
-    let fkey = FrontendKey {
-        addr_be: h.daddr,
-        port_be: h.dport,
-        proto: h.proto,
-        _pad: 0,
-    };
-    let fe: Frontend = match unsafe { FRONTENDS.get(fkey) } {
-        Some(fe) => *fe,
-        None => return Err(Reason::PassNoService),
-    };
-    if fe.backend_count == 0 {
-        return Err(if fe.flags & FRONTEND_F_DROP_IF_EMPTY != 0 {
-            Reason::DropNoLocalBackend
-        } else {
-            Reason::PassNoBackend
-        });
-    }
-    let hash = flow_hash(h.saddr, h.daddr, h.sport, h.dport, h.proto);
-    let index = match hash.checked_rem(fe.backend_count) {
-        Some(i) => i,
-        None => return Err(Reason::PassNoBackend),
-    };
-    let bkey = BackendKey {
-        backend_set: fe.backend_set,
-        index,
-    };
-    let be: Backend = match unsafe { BACKENDS.get(bkey) } {
-        Some(be) => *be,
-        None => return Err(Reason::PassNoBackend),
-    };
+    Ok(Translation::from_entry(entry))
+}
 
-    if let Some(old) = stale_peer {
-        let _ = CONNTRACK.remove(old);
+/// A TCP SYN without ACK: the only packet that starts a flow.
+#[inline(always)]
+pub const fn is_syn(h: &Headers) -> bool {
+    h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// A new flow chosen but not yet tracked: tracked by [`commit`] once the
+/// route is known, so a packet that cannot be forwarded leaves nothing behind.
+#[derive(Clone, Copy)]
+pub struct NewFlow {
+    pub key: CtKey,
+    pub fe: Frontend,
+    pub be: Backend,
+    pub hash: u32,
+}
+
+/// Creates both entries of `flow`, leaving through `route`; returns the
+/// packet's translation.
+#[inline(always)]
+pub fn commit(
+    flow: &NewFlow,
+    stale: bool,
+    stale_peer: &CtKey,
+    h: &Headers,
+    route: &Route,
+    cfg: &Config,
+    now: u64,
+) -> Result<Translation, Reason> {
+    let (fe, be) = (&flow.fe, &flow.be);
+    if stale {
+        let _ = CONNTRACK.remove(*stale_peer);
         stats::count(Reason::CtRecycled);
     }
-
-    let state = initial_state(h);
+    let state = CT_STATE_NEW;
     let snat = be.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_NO_SNAT == 0;
     let (src_addr, src_port, reply_key) = if snat {
-        let snat_addr = egress
-            .egress_ifindex(h, be.addr_be, be.port_be)
-            .and_then(|ifindex| unsafe { IFACES.get(ifindex) })
+        // SAFETY (get): a read-only copy of a map value of plain integers.
+        let snat_addr = unsafe { IFACES.get(route.ifindex) }
             .map(|i| i.snat_addr_be)
             .unwrap_or(0);
         if snat_addr == 0 {
             return Err(Reason::PassNoSnatAddr);
         }
-        let reply = reply_entry(h, &fe, &be, now, state, CT_F_SNAT);
-        let (port, rkey) = claim_snat_port(&cfg, hash, be, snat_addr, h.proto, &reply)?;
+        let reply = reply_entry(h, fe, be, now, route.ifindex, CT_F_SNAT);
+        let (port, rkey) = claim_snat_port(cfg, flow.hash, be, snat_addr, h.proto, &reply, now)?;
         (snat_addr, port, rkey)
     } else {
         let rkey = CtKey::new(be.addr_be, be.port_be, h.saddr, h.sport, h.proto);
-        let reply = reply_entry(h, &fe, &be, now, state, 0);
+        let reply = reply_entry(h, fe, be, now, route.ifindex, 0);
         if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
             return Err(Reason::PassCtCollision);
         }
@@ -176,16 +217,16 @@ pub fn decide<E: EgressLookup>(
         state,
         generation: generation(),
         backend_slot: be.stats_slot,
+        // Any external device: a client's packets may come in on any of them.
+        ifindex: 0,
+        peer_ifindex: route.ifindex,
     };
-    let flags = if stale_peer.is_some() {
-        0
-    } else {
-        BPF_NOEXIST as u64
-    };
-    if CONNTRACK.insert(key, forward, flags).is_err() {
+    let flags = if stale { 0 } else { BPF_NOEXIST as u64 };
+    if CONNTRACK.insert(flow.key, forward, flags).is_err() {
         // Another CPU created this flow first (or the map refused): use theirs.
         let _ = CONNTRACK.remove(reply_key);
-        return match unsafe { CONNTRACK.get(key) } {
+        // SAFETY (get): a read-only copy of a map value of plain integers.
+        return match unsafe { CONNTRACK.get(flow.key) } {
             Some(e) => Ok(Translation::from_entry(e)),
             None => Err(Reason::PassCtFull),
         };
@@ -202,7 +243,7 @@ fn reply_entry(
     fe: &Frontend,
     be: &Backend,
     now: u64,
-    state: u8,
+    reply_ifindex: u32,
     flags: u8,
 ) -> CtEntry {
     CtEntry {
@@ -214,22 +255,26 @@ fn reply_entry(
         last_seen_ns: now,
         created_ns: now,
         flags: CT_F_REPLY | flags,
-        state,
+        state: CT_STATE_NEW,
         generation: generation(),
         backend_slot: be.stats_slot,
+        ifindex: reply_ifindex,
+        peer_ifindex: 0,
     }
 }
 
 /// Picks a free source port for a source-NATed flow by claiming its reply
 /// tuple; the claim is the reply entry itself, so two flows never share one.
+/// A port held by a closed or expired flow is taken over at once.
 #[inline(always)]
 fn claim_snat_port(
     cfg: &Config,
     hash: u32,
-    be: Backend,
+    be: &Backend,
     snat_addr: u32,
     proto: u8,
     reply: &CtEntry,
+    now: u64,
 ) -> Result<(u16, CtKey), Reason> {
     let min = cfg.snat_port_min as u32;
     let max = cfg.snat_port_max as u32;
@@ -247,23 +292,22 @@ fn claim_snat_port(
         let port = min + offset;
         let port_be = (port as u16).to_be();
         let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
-        if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(rkey, *reply, BPF_NOEXIST as u64).is_ok() {
             return Ok((port_be, rkey));
+        }
+        // SAFETY (get): a read-only copy of a map value of plain integers.
+        if let Some(old) = unsafe { CONNTRACK.get(rkey) } {
+            if old.state == CT_STATE_CLOSED || expired(old, proto, now, cfg) {
+                let _ = CONNTRACK.remove(old.peer_key(proto));
+                if CONNTRACK.insert(rkey, *reply, 0).is_ok() {
+                    stats::count(Reason::CtRecycled);
+                    return Ok((port_be, rkey));
+                }
+            }
         }
         i += 1;
     }
     Err(Reason::PassSnatExhausted)
-}
-
-#[inline(always)]
-fn initial_state(h: &Headers) -> u8 {
-    let tcp_midstream = h.proto == IPPROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
-    if tcp_midstream {
-        // Picked up mid-stream (e.g. after the table was flushed).
-        CT_STATE_ESTABLISHED
-    } else {
-        CT_STATE_NEW
-    }
 }
 
 /// Idle past the timeout for its state, in both directions.
@@ -274,6 +318,7 @@ fn expired(entry: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
         return false;
     }
     // One-way traffic keeps a flow alive through the other direction's entry.
+    // SAFETY (get): a read-only copy of a map value of plain integers.
     match unsafe { CONNTRACK.get(entry.peer_key(proto)) } {
         Some(peer) => now.saturating_sub(peer.last_seen_ns) > timeout,
         None => true,
@@ -295,12 +340,14 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
     match CONNTRACK.get_ptr_mut(peer_key) {
         Some(peer) => {
             if changed {
+                // SAFETY: as in `lookup`: a live entry of this map; a racing
+                // writer can only store another valid state.
                 unsafe { (*peer).state = next };
             }
         }
         None => {
             // Evicted by LRU pressure: rebuild it, since each entry fully
-            // determines the other.
+            // determines the other (and this one was found, so the flow is ours).
             let peer = CtEntry {
                 new_saddr_be: key.daddr_be,
                 new_daddr_be: key.saddr_be,
@@ -313,6 +360,8 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 state: next,
                 generation: entry.generation,
                 backend_slot: entry.backend_slot,
+                ifindex: entry.peer_ifindex,
+                peer_ifindex: entry.ifindex,
             };
             let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);
         }
@@ -337,7 +386,9 @@ fn next_state(state: u8, h: &Headers, is_reply: bool) -> u8 {
         } else {
             CT_STATE_FIN
         }
-    } else if state == CT_STATE_NEW && is_reply && f & TCP_ACK != 0 {
+    } else if state == CT_STATE_NEW && is_reply && f & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        CT_STATE_SYN_RECV
+    } else if state == CT_STATE_SYN_RECV && !is_reply && f & (TCP_SYN | TCP_ACK) == TCP_ACK {
         CT_STATE_ESTABLISHED
     } else {
         state

@@ -2,17 +2,21 @@
 //! the packet needs an skb (delivery into a local pod, unresolved neighbours,
 //! replies leaving local pods).
 //!
-//! Both hooks run the same pipeline: parse -> conntrack/frontend lookup ->
-//! route (fib) -> rewrite -> forward. Each returns its verdict from one place
-//! and counts why.
+//! Both hooks run the same pipeline (`pipeline`): parse -> conntrack lookup,
+//! or for a new flow lookup_frontend -> select_backend -> route (fib) ->
+//! conntrack commit -> rewrite -> forward. Each returns its verdict from one
+//! place and counts why.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod fib;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod pipeline;
+mod select;
 mod stats;
 mod tc;
 mod verdict;

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey,
-    IfaceInfo, Reason, ServiceLabel, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKEND_SLOTS,
+    AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters, CtEntry, CtKey,
+    DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason, ServiceLabel,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKEND_SLOTS,
     MAX_FRONTENDS, MAX_IFACES, MAX_STATS_SLOTS,
 };
 
@@ -50,3 +51,17 @@ pub static STATUS: Array<DaemonStatus> = Array::with_max_entries(1, 0);
 /// Per-CPU time of the last debug log line (rate limit).
 #[map]
 pub static LOG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// sessionAffinity ClientIP: a client's backend per Service port (LRU).
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+
+/// (backend set, backend) -> index in the set, for affinity frontends' sets.
+#[map]
+pub static BACKEND_MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// Packets of tracked flows handed to the kernel, by reason: each one is a
+/// packet netfilter sees in the middle of a flow it never saw begin.
+#[map]
+pub static FLOW_PASS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

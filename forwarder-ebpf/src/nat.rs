@@ -3,7 +3,7 @@
 //! through the skb helpers, which also keep the skb's checksum state right
 //! (partial checksums from local pods, CHECKSUM_COMPLETE from NICs).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
 use forwarder_common::{csum, Reason, IPPROTO_UDP};
@@ -12,7 +12,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     conntrack::Translation,
     fib::Route,
-    parse::{l4_check_off, ptr_at, Headers, L3_OFF},
+    parse::{ipv4, l4, l4_check_off, ptr_at, Headers, L3_OFF},
 };
 
 /// The 16-bit word holding TTL and protocol, as the IPv4 checksum sees it.
@@ -32,8 +32,10 @@ pub fn rewrite_xdp(
     let eth: *mut EthHdr = ptr_at(data, data_end, 0)?;
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, L3_OFF)?;
     let check_off = l4_check_off(h);
-    let l4: *mut [u8; 4] = ptr_at(data, data_end, h.l4_off)?;
+    let ports: *mut [u8; 4] = ptr_at(data, data_end, h.l4_off)?;
     let l4_check: *mut [u8; 2] = ptr_at(data, data_end, check_off)?;
+    // SAFETY: each pointer was bounds-checked by `ptr_at` against the
+    // packet, which XDP may write; the header types have alignment 1.
     unsafe {
         (*eth).dst_addr = route.dmac;
         (*eth).src_addr = route.smac;
@@ -61,7 +63,7 @@ pub fn rewrite_xdp(
             }
             *l4_check = c.to_ne_bytes();
         }
-        let ports = &mut *l4;
+        let ports = &mut *ports;
         ports[0..2].copy_from_slice(&t.sport.to_ne_bytes());
         ports[2..4].copy_from_slice(&t.dport.to_ne_bytes());
     }
@@ -70,10 +72,19 @@ pub fn rewrite_xdp(
 
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, h: &Headers, t: &Translation) -> Result<(), Reason> {
-    const IP_CHECK: usize = L3_OFF + 10;
+    const IP_CHECK: usize = L3_OFF + ipv4::CHECK;
     let check_off = l4_check_off(h);
-    let mangled = if h.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
+    let udp = h.proto == IPPROTO_UDP;
+    let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    // Without a UDP checksum no checksum change offsets the ports' change:
+    // the skb's CHECKSUM_COMPLETE sum must follow the bytes themselves.
+    let udp_no_check = udp
+        && ctx
+            .load::<u16>(check_off)
+            .map_err(|_| Reason::PassMalformed)?
+            == 0;
+    let port_store_flags = if udp_no_check {
+        BPF_F_RECOMPUTE_CSUM as u64
     } else {
         0
     };
@@ -88,7 +99,7 @@ pub fn rewrite_tc(ctx: &TcContext, h: &Headers, t: &Translation) -> Result<(), R
         .map_err(fail)?;
         ctx.l3_csum_replace(IP_CHECK, h.saddr as u64, t.saddr as u64, 4)
             .map_err(fail)?;
-        ctx.store(L3_OFF + 12, &t.saddr, 0).map_err(fail)?;
+        ctx.store(L3_OFF + ipv4::SADDR, &t.saddr, 0).map_err(fail)?;
     }
     if t.daddr != h.daddr {
         ctx.l4_csum_replace(
@@ -100,23 +111,25 @@ pub fn rewrite_tc(ctx: &TcContext, h: &Headers, t: &Translation) -> Result<(), R
         .map_err(fail)?;
         ctx.l3_csum_replace(IP_CHECK, h.daddr as u64, t.daddr as u64, 4)
             .map_err(fail)?;
-        ctx.store(L3_OFF + 16, &t.daddr, 0).map_err(fail)?;
+        ctx.store(L3_OFF + ipv4::DADDR, &t.daddr, 0).map_err(fail)?;
     }
     if t.sport != h.sport {
         ctx.l4_csum_replace(check_off, h.sport as u64, t.sport as u64, mangled | 2)
             .map_err(fail)?;
-        ctx.store(h.l4_off, &t.sport, 0).map_err(fail)?;
+        ctx.store(h.l4_off + l4::SPORT, &t.sport, port_store_flags)
+            .map_err(fail)?;
     }
     if t.dport != h.dport {
         ctx.l4_csum_replace(check_off, h.dport as u64, t.dport as u64, mangled | 2)
             .map_err(fail)?;
-        ctx.store(h.l4_off + 2, &t.dport, 0).map_err(fail)?;
+        ctx.store(h.l4_off + l4::DPORT, &t.dport, port_store_flags)
+            .map_err(fail)?;
     }
     let old = ttl_word(h.ttl, h.proto);
     let new = ttl_word(h.ttl - 1, h.proto);
     ctx.l3_csum_replace(IP_CHECK, old as u64, new as u64, 2)
         .map_err(fail)?;
-    ctx.store(L3_OFF + 8, &(h.ttl - 1), 0).map_err(fail)
+    ctx.store(L3_OFF + ipv4::TTL, &(h.ttl - 1), 0).map_err(fail)
 }
 
 #[inline(always)]
@@ -125,4 +138,15 @@ pub fn set_macs_tc(ctx: &TcContext, route: &Route) -> Result<(), Reason> {
         .map_err(|_| Reason::DropRedirectFailed)?;
     ctx.store(6, &route.smac, 0)
         .map_err(|_| Reason::DropRedirectFailed)
+}
+
+#[inline(always)]
+pub fn set_macs_xdp(data: usize, data_end: usize, route: &Route) -> Result<(), Reason> {
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`; the packet is writable in XDP.
+    unsafe {
+        (*eth).dst_addr = route.dmac;
+        (*eth).src_addr = route.smac;
+    }
+    Ok(())
 }

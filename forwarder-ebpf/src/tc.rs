@@ -12,12 +12,13 @@ use aya_ebpf::{
 use forwarder_common::{IfaceInfo, Reason, IFACE_F_VETH_PEER};
 
 use crate::{
-    conntrack::{decide, Translation},
-    fib::{self, Fib, FibEgress},
+    conntrack::Translation,
+    fib::Fib,
+    icmp::{self, TcBytes},
     maps::IFACES,
     nat,
     parse::{self, Headers, MAX_HEADERS_LEN},
-    stats,
+    pipeline, stats,
     verdict::{Action, Verdict},
 };
 
@@ -30,32 +31,41 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         Ok(v) => v,
         Err(reason) => Verdict::not_ours(reason),
     };
+    // SAFETY: `skb` is the program's own context, valid for its run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if stats::notable(verdict.reason) && stats::log_allowed() {
         aya_log_ebpf::debug!(
             &ctx,
             "tc: reason {} on ifindex {}",
             verdict.reason as u32,
-            unsafe { (*ctx.skb.skb).ifindex }
+            ifindex
         );
     }
     let action = match verdict.action {
         // XDP's own action; tc never decides it.
         Action::Tx | Action::Pass => {
             stats::count(verdict.reason);
+            if verdict.tracked {
+                stats::count_flow_pass(verdict.reason);
+            }
             return TC_ACT_OK;
         }
         Action::Drop => {
             stats::count(verdict.reason);
             return TC_ACT_SHOT;
         }
+        // SAFETY (the three helpers): plain integers and, for the
+        // neighbour, a live parameter block of the size passed.
         Action::Peer => (unsafe { bpf_redirect_peer(verdict.ifindex, 0) }) as i32,
         Action::Redirect => (unsafe { bpf_redirect(verdict.ifindex, 0) }) as i32,
         Action::Neigh => {
             let mut nh = bpf_redir_neigh {
                 nh_family: AF_INET,
+                // SAFETY: a union of integers, for which zero is valid.
                 __bindgen_anon_1: unsafe { core::mem::zeroed() },
             };
             nh.__bindgen_anon_1.ipv4_nh = verdict.nexthop;
+            // SAFETY: as above.
             (unsafe {
                 bpf_redirect_neigh(
                     verdict.ifindex,
@@ -93,60 +103,60 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
         ctx.pull_data(want as u32)
             .map_err(|_| Reason::PassMalformed)?;
     }
-    let h: Headers = parse::parse(ctx.data(), ctx.data_end())?;
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let h: Headers = parse::parse(data, data_end, ctx.len() as usize)?;
+    // SAFETY: `skb` is the program's own context, valid for its run.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
-        Some(i) => *i,
-        None => return Ok(Verdict::not_ours(Reason::PassNoService)),
-    };
+    // SAFETY (get): a read-only copy of a map value of plain integers.
+    let ingress: IfaceInfo =
+        *unsafe { IFACES.get(ingress_ifindex) }.ok_or(Reason::PassNoService)?;
     if h.ttl <= 1 {
-        return Ok(Verdict::not_ours(Reason::PassTtl));
+        return Err(Reason::PassTtl);
     }
-    let egress = FibEgress {
-        ctx: ctx.as_ptr(),
-        ingress: ingress_ifindex,
-    };
-    let t = decide(&h, &ingress, &egress)?;
-    *out = t;
-    match fib::lookup(
+    // tot_len 0: the kernel checks the skb against the MTU itself, by its
+    // GSO segments for a GRO/TSO super-packet.
+    let p = pipeline::scratch()?;
+    pipeline::plan(
         ctx.as_ptr(),
-        ingress_ifindex,
+        data,
+        data_end,
         &h,
-        t.saddr,
-        t.daddr,
-        t.sport,
-        t.dport,
-    ) {
-        Fib::Forward(route) => {
-            nat::rewrite_tc(ctx, &h, &t)?;
-            nat::set_macs_tc(ctx, &route)?;
-            let peer = unsafe { IFACES.get(route.ifindex) }
-                .is_some_and(|i| i.flags & IFACE_F_VETH_PEER != 0);
-            if peer {
-                Ok(Verdict::forward(
-                    Action::Peer,
-                    Reason::TcRedirectPeer,
-                    route.ifindex,
-                    0,
-                ))
-            } else {
-                Ok(Verdict::forward(
-                    Action::Redirect,
-                    Reason::TcRedirect,
-                    route.ifindex,
-                    0,
-                ))
-            }
-        }
-        Fib::NoNeigh(route) => {
-            nat::rewrite_tc(ctx, &h, &t)?;
-            Ok(Verdict::forward(
-                Action::Neigh,
-                Reason::TcRedirectNeigh,
-                route.ifindex,
-                route.nexthop,
-            ))
-        }
-        Fib::Fail => Ok(Verdict::not_ours(Reason::PassFibFailed)),
+        ingress_ifindex,
+        &ingress,
+        0,
+        p,
+    )?;
+    if p.fib == Fib::Fail || p.fib == Fib::FragNeeded {
+        return Ok(if p.is_new {
+            Verdict::not_ours(Reason::PassFibFailed)
+        } else {
+            Verdict::flow_to_kernel(Reason::PassFibFailed)
+        });
     }
+    let t = pipeline::commit(p, &h)?;
+    *out = t;
+    let route = p.route;
+    if p.is_icmp {
+        icmp::rewrite(&mut TcBytes(ctx), &h, &p.icmp)?;
+        stats::count(Reason::IcmpTranslated);
+    } else {
+        nat::rewrite_tc(ctx, &h, &t)?;
+    }
+    if p.fib == Fib::NoNeigh {
+        return Ok(Verdict::forward(
+            Action::Neigh,
+            Reason::TcRedirectNeigh,
+            route.ifindex,
+            route.nexthop,
+        ));
+    }
+    nat::set_macs_tc(ctx, &route)?;
+    // SAFETY (get): a read-only copy of a map value of plain integers.
+    let peer =
+        unsafe { IFACES.get(route.ifindex) }.is_some_and(|i| i.flags & IFACE_F_VETH_PEER != 0);
+    Ok(if peer {
+        Verdict::forward(Action::Peer, Reason::TcRedirectPeer, route.ifindex, 0)
+    } else {
+        Verdict::forward(Action::Redirect, Reason::TcRedirect, route.ifindex, 0)
+    })
 }

@@ -23,6 +23,9 @@ pub struct Verdict {
     pub reason: Reason,
     pub ifindex: u32,
     pub nexthop: u32,
+    /// The packet belongs to a flow we track: passing it to the kernel is
+    /// counted separately (netfilter would see the middle of a flow).
+    pub tracked: bool,
 }
 
 impl Verdict {
@@ -37,7 +40,15 @@ impl Verdict {
             reason,
             ifindex: 0,
             nexthop: 0,
+            tracked: false,
         }
+    }
+
+    /// A tracked flow's packet that goes to the kernel after all.
+    pub const fn flow_to_kernel(reason: Reason) -> Self {
+        let mut v = Self::not_ours(reason);
+        v.tracked = true;
+        v
     }
 
     /// Translated and to be sent with `action`.
@@ -47,6 +58,7 @@ impl Verdict {
             reason,
             ifindex,
             nexthop,
+            tracked: true,
         }
     }
 }

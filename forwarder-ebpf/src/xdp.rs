@@ -10,12 +10,13 @@ use aya_ebpf::{
 use forwarder_common::{IfaceInfo, Reason, IFACE_F_XDP_TX};
 
 use crate::{
-    conntrack::{decide, Translation},
-    fib::{self, Fib, FibEgress},
+    conntrack::Translation,
+    fib::Fib,
+    icmp::{self, XdpBytes},
     maps::IFACES,
     nat,
     parse::{self, Headers},
-    stats,
+    pipeline, stats,
     verdict::{Action, Verdict},
 };
 
@@ -37,11 +38,12 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     match verdict.action {
         Action::Tx => {
-            stats::count(Reason::XdpTx);
+            stats::count(verdict.reason);
             stats::count_forwarded(&t, len);
             XDP_TX
         }
         Action::Redirect => {
+            // SAFETY: a helper taking plain integers.
             let action = unsafe { bpf_redirect(verdict.ifindex, 0) } as u32;
             if action == XDP_REDIRECT {
                 stats::count(Reason::XdpRedirect);
@@ -54,6 +56,9 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
         // tc's own actions; XDP never decides them.
         Action::Pass | Action::Peer | Action::Neigh => {
             stats::count(verdict.reason);
+            if verdict.tracked {
+                stats::count_flow_pass(verdict.reason);
+            }
             XDP_PASS
         }
         Action::Drop => {
@@ -64,43 +69,75 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
+fn iface(ifindex: u32) -> Option<IfaceInfo> {
+    // SAFETY (get): a read-only copy of a map value of plain integers.
+    unsafe { IFACES.get(ifindex) }.copied()
+}
+
+#[inline(always)]
 fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let h: Headers = parse::parse(data, data_end)?;
+    let h: Headers = parse::parse(data, data_end, data_end - data)?;
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
-    let ingress: IfaceInfo = match unsafe { IFACES.get(ingress_ifindex) } {
-        Some(i) => *i,
-        None => return Ok(Verdict::not_ours(Reason::PassNoService)),
-    };
+    let ingress = iface(ingress_ifindex).ok_or(Reason::PassNoService)?;
     if h.ttl <= 1 {
-        return Ok(Verdict::not_ours(Reason::PassTtl));
+        return Err(Reason::PassTtl);
     }
-    let egress = FibEgress {
-        ctx: ctx.as_ptr(),
-        ingress: ingress_ifindex,
-    };
-    let t = decide(&h, &ingress, &egress)?;
-    let route = match fib::lookup(
+    let p = pipeline::scratch()?;
+    pipeline::plan(
         ctx.as_ptr(),
-        ingress_ifindex,
+        data,
+        data_end,
         &h,
-        t.saddr,
-        t.daddr,
-        t.sport,
-        t.dport,
-    ) {
-        Fib::Forward(route) => route,
+        ingress_ifindex,
+        &ingress,
+        h.ip_len,
+        p,
+    )?;
+    let can_tx_back = ingress.flags & IFACE_F_XDP_TX != 0;
+    match p.fib {
+        Fib::Forward => {}
         // tc resolves the neighbour with bpf_redirect_neigh.
-        Fib::NoNeigh(_) => return Ok(Verdict::not_ours(Reason::XdpToTc)),
-        Fib::Fail => return Ok(Verdict::not_ours(Reason::PassFibFailed)),
+        Fib::NoNeigh => return Ok(Verdict::not_ours(Reason::XdpToTc)),
+        // A router's answer: the sender learns the path's MTU. The packet
+        // itself is not forwarded, as a router would not.
+        Fib::FragNeeded if !p.is_new && !p.is_icmp && can_tx_back => {
+            icmp::frag_needed_xdp(ctx, &h, p.route.mtu)?;
+            return Ok(Verdict::forward(
+                Action::Tx,
+                Reason::XdpIcmpFragNeeded,
+                ingress_ifindex,
+                0,
+            ));
+        }
+        Fib::FragNeeded | Fib::Fail => {
+            return Ok(if p.is_new {
+                Verdict::not_ours(Reason::PassFibFailed)
+            } else {
+                Verdict::flow_to_kernel(Reason::PassFibFailed)
+            });
+        }
+    }
+    let route = p.route;
+    let can_transmit = if route.ifindex == ingress_ifindex {
+        can_tx_back
+    } else {
+        iface(route.ifindex).is_some_and(|i| i.flags & IFACE_F_XDP_TX != 0)
     };
-    let can_transmit = route.ifindex == ingress_ifindex && ingress.flags & IFACE_F_XDP_TX != 0
-        || unsafe { IFACES.get(route.ifindex) }.is_some_and(|i| i.flags & IFACE_F_XDP_TX != 0);
     if !can_transmit {
-        // Delivery needs an skb (a local pod, a bridge): tc does it.
+        // Delivery needs an skb (a local pod, a bridge): tc does it, and
+        // tracks a new flow then.
         return Ok(Verdict::not_ours(Reason::XdpToTc));
     }
-    nat::rewrite_xdp(data, data_end, &h, &t, &route)?;
+    let t = pipeline::commit(p, &h)?;
+    if p.is_icmp {
+        let mut bytes = XdpBytes { data, data_end };
+        icmp::rewrite(&mut bytes, &h, &p.icmp)?;
+        nat::set_macs_xdp(data, data_end, &route)?;
+        stats::count(Reason::IcmpTranslated);
+    } else {
+        nat::rewrite_xdp(data, data_end, &h, &t, &route)?;
+    }
     *out = t;
     let action = if route.ifindex == ingress_ifindex {
         Action::Tx

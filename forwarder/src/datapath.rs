@@ -19,9 +19,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use forwarder_common::{
-    map_names, program_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus,
-    Frontend, FrontendKey, IfaceInfo, Reason, ServiceLabel, CT_F_REPLY, GENERATION_GLOBAL,
-    IFACE_F_EXTERNAL, IFACE_F_TC_ONLY, IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC, IFACE_F_XDP_TX,
+    map_names, program_names, AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters,
+    CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason,
+    ServiceLabel, CT_F_REPLY, GENERATION_GLOBAL, IFACE_F_EXTERNAL, IFACE_F_TC_ONLY,
+    IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC, IFACE_F_XDP_TX,
 };
 use log::{info, warn};
 
@@ -259,6 +260,13 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         map_names::BACKEND_STATS => (MapType::PerCpuArray, u32s, size_of::<Counters>() as u32),
         map_names::SERVICE_LABELS => (MapType::Hash, u32s, size_of::<ServiceLabel>() as u32),
         map_names::STATUS => (MapType::Array, u32s, size_of::<DaemonStatus>() as u32),
+        map_names::AFFINITY => (
+            MapType::LruHash,
+            size_of::<AffinityKey>() as u32,
+            size_of::<AffinityValue>() as u32,
+        ),
+        map_names::BACKEND_MEMBERS => (MapType::Hash, size_of::<MemberKey>() as u32, u32s),
+        map_names::FLOW_PASS_STATS => (MapType::PerCpuArray, u32s, size_of::<u64>() as u32),
         _ => return None,
     })
 }
@@ -282,7 +290,8 @@ fn retire_incompatible_pins(pin_dir: &Path) -> Result<()> {
                 info.map_type().ok() == Some(ty)
                     && info.key_size() == key
                     && info.value_size() == value
-                    && (name != map_names::REASON_STATS || info.max_entries() >= Reason::COUNT)
+                    && (!matches!(name, map_names::REASON_STATS | map_names::FLOW_PASS_STATS)
+                        || info.max_entries() >= Reason::COUNT)
             });
         if !compatible {
             warn!(
@@ -492,6 +501,7 @@ impl Datapath {
         let info = IfaceInfo {
             snat_addr_be: u32::from_ne_bytes(snat_addr.octets()),
             flags,
+            ..IfaceInfo::default()
         };
         self.maps
             .ifaces
@@ -558,7 +568,8 @@ impl Datapath {
         let external: BTreeSet<u32> = self.external.iter().map(|e| e.ifindex).collect();
         let external_names: BTreeSet<&str> =
             self.external.iter().map(|e| e.name.as_str()).collect();
-        let mut wanted: BTreeMap<u32, (String, DeviceKind)> = BTreeMap::new();
+        // ifindex -> (name, kind, the bridge it is a port of, or 0)
+        let mut wanted: BTreeMap<u32, (String, DeviceKind, u32)> = BTreeMap::new();
         for pod in local_pods {
             let Some(dev) = netdev::route_device(&routes, *pod) else {
                 warn!("no route to local pod {pod}: its replies cannot be translated");
@@ -569,6 +580,11 @@ impl Datapath {
                 continue;
             }
             let kind = netdev::kind(dev);
+            let master = if kind == DeviceKind::Bridge {
+                netdev::ifindex(dev).unwrap_or(0)
+            } else {
+                0
+            };
             let devices = if kind == DeviceKind::Bridge {
                 // Catch replies on the bridge ports, before the bridge (and
                 // any br_netfilter hooks) see them.
@@ -585,7 +601,7 @@ impl Datapath {
             for (name, kind) in devices {
                 match netdev::ifindex(&name) {
                     Ok(ifindex) if !external.contains(&ifindex) => {
-                        wanted.insert(ifindex, (name, kind));
+                        wanted.insert(ifindex, (name, kind, master));
                     }
                     Ok(_) => {}
                     Err(e) => warn!("{e}"),
@@ -605,7 +621,7 @@ impl Datapath {
                 info!("{name}: tc ingress detached (no local backend behind it)");
             }
         }
-        for (ifindex, (name, kind)) in &wanted {
+        for (ifindex, (name, kind, master)) in &wanted {
             if self.pod_devices.contains_key(ifindex) {
                 continue;
             }
@@ -616,6 +632,8 @@ impl Datapath {
                 } else {
                     0
                 },
+                master_ifindex: *master,
+                _pad: 0,
             };
             self.maps
                 .ifaces

@@ -8,8 +8,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use forwarder_common::{
-    map_names, Backend, BackendKey, Config, Counters, CtEntry, CtKey, DaemonStatus, Frontend,
-    FrontendKey, IfaceInfo, Reason, ServiceLabel,
+    map_names, AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters, CtEntry, CtKey,
+    DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason, ServiceLabel,
 };
 
 use crate::plan::{Op, Snapshot};
@@ -25,6 +25,9 @@ pub struct Maps {
     pub reason_stats: PerCpuArray<MapData, u64>,
     pub service_labels: HashMap<MapData, u32, ServiceLabel>,
     pub status: Array<MapData, DaemonStatus>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub backend_members: HashMap<MapData, MemberKey, u32>,
+    pub flow_pass_stats: PerCpuArray<MapData, u64>,
 }
 
 fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T> {
@@ -49,6 +52,15 @@ impl Maps {
             reason_stats: typed(take(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(take(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
             status: typed(take(map_names::STATUS)?, map_names::STATUS)?,
+            affinity: typed(take(map_names::AFFINITY)?, map_names::AFFINITY)?,
+            backend_members: typed(
+                take(map_names::BACKEND_MEMBERS)?,
+                map_names::BACKEND_MEMBERS,
+            )?,
+            flow_pass_stats: typed(
+                take(map_names::FLOW_PASS_STATS)?,
+                map_names::FLOW_PASS_STATS,
+            )?,
         })
     }
 
@@ -76,6 +88,15 @@ impl Maps {
             reason_stats: typed(open(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
             service_labels: typed(open(map_names::SERVICE_LABELS)?, map_names::SERVICE_LABELS)?,
             status: typed(open(map_names::STATUS)?, map_names::STATUS)?,
+            affinity: typed(open(map_names::AFFINITY)?, map_names::AFFINITY)?,
+            backend_members: typed(
+                open(map_names::BACKEND_MEMBERS)?,
+                map_names::BACKEND_MEMBERS,
+            )?,
+            flow_pass_stats: typed(
+                open(map_names::FLOW_PASS_STATS)?,
+                map_names::FLOW_PASS_STATS,
+            )?,
         })
     }
 
@@ -139,15 +160,15 @@ impl Maps {
 
     /// Reason counters summed over CPUs.
     pub fn reason_totals(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut out = BTreeMap::new();
-        for r in Reason::ALL {
-            let values = self
-                .reason_stats
-                .get(&(*r as u32), 0)
-                .with_context(|| format!("reading counter {}", r.name()))?;
-            out.insert(r.name(), values.iter().sum());
-        }
-        Ok(out)
+        totals_by_reason(&self.reason_stats)
+    }
+
+    /// Packets of tracked flows handed to the kernel, by reason, summed over
+    /// CPUs (only reasons that occurred).
+    pub fn flow_pass_totals(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut totals = totals_by_reason(&self.flow_pass_stats)?;
+        totals.retain(|_, n| *n != 0);
+        Ok(totals)
     }
 
     /// Packets and bytes of a counters slot, summed over CPUs.
@@ -159,6 +180,17 @@ impl Maps {
     pub fn backend_totals(&self, slot: u32) -> Result<Counters> {
         sum(&self.backend_stats, slot)
     }
+}
+
+fn totals_by_reason(map: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<&'static str, u64>> {
+    let mut out = BTreeMap::new();
+    for r in Reason::ALL {
+        let values = map
+            .get(&(*r as u32), 0)
+            .with_context(|| format!("reading counter {}", r.name()))?;
+        out.insert(r.name(), values.iter().sum());
+    }
+    Ok(out)
 }
 
 fn sum(map: &PerCpuArray<MapData, Counters>, slot: u32) -> Result<Counters> {

@@ -231,6 +231,7 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
             backend_count: content.len() as u32,
             stats_slot: slot_of[f.label().as_str()],
             flags: frontend_flags(f),
+            ..Frontend::default()
         };
         let key = frontend_key(addr);
         if current.frontends.get(&key) != Some(&value) {

@@ -1,0 +1,204 @@
+//! The decision both hooks share: parse -> flow lookup (or frontend ->
+//! backend) -> route. Nothing is tracked here: a new flow is committed by the
+//! hook once it knows it can forward the packet.
+use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::PerCpuArray};
+use forwarder_common::{
+    Config, CtKey, IfaceInfo, Reason, CONFIG_F_DRAINING, FRONTEND_F_DROP_IF_EMPTY,
+    IFACE_F_EXTERNAL, IPPROTO_ICMP, IPPROTO_TCP,
+};
+
+use crate::{
+    conntrack::{self, NewFlow, Translation},
+    fib::{self, Fib, FibQuery, Route},
+    icmp::IcmpRewrite,
+    maps::CONFIG,
+    parse::{ipv4_csum_ok, Headers},
+    select,
+};
+
+/// What a packet should become.
+pub struct Plan {
+    /// The rewrite (for a new flow: toward the backend, before source NAT).
+    pub t: Translation,
+    pub fib: Fib,
+    pub route: Route,
+    /// For a new flow: what `conntrack::commit` needs.
+    pub is_new: bool,
+    pub stale: bool,
+    pub stale_peer: CtKey,
+    pub flow: NewFlow,
+    pub by_affinity: bool,
+    /// An ICMP error translated with its flow.
+    pub is_icmp: bool,
+    pub icmp: IcmpRewrite,
+    pub now: u64,
+}
+
+/// Per-CPU room for the plan: the hooks' stacks (512 bytes) cannot hold it
+/// beside everything else.
+#[map]
+static PLAN_SCRATCH: PerCpuArray<Plan> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's plan slot.
+#[inline(always)]
+pub fn scratch() -> Result<&'static mut Plan, Reason> {
+    let p = PLAN_SCRATCH.get_ptr_mut(0).ok_or(Reason::PassNoService)?;
+    // SAFETY: a per-CPU slot: only this program run on this CPU uses it
+    // (XDP and tc do not preempt each other on one CPU), and it is valid for
+    // the whole run.
+    Ok(unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn config() -> Result<&'static Config, Reason> {
+    // The array's one slot always exists.
+    CONFIG.get(0).ok_or(Reason::PassNoService)
+}
+
+/// `fib_tot_len`: the length the route's MTU is checked against (XDP: the
+/// packet's; tc: 0, so the kernel checks GSO skbs by their segments).
+#[inline(always)]
+pub fn plan(
+    ctx: *mut c_void,
+    data: usize,
+    data_end: usize,
+    h: &Headers,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    fib_tot_len: u16,
+    out: &mut Plan,
+) -> Result<(), Reason> {
+    let cfg = config()?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut q = FibQuery {
+        ingress: ingress_ifindex,
+        proto: h.proto,
+        saddr: 0,
+        daddr: 0,
+        sport: 0,
+        dport: 0,
+        tot_len: fib_tot_len,
+    };
+    if h.proto == IPPROTO_ICMP {
+        let quoted = &h.quoted;
+        // The error travels against the quoted packet: its reverse tuple is
+        // the entry of the direction the error goes.
+        let key = CtKey::new(
+            quoted.daddr,
+            quoted.dport,
+            quoted.saddr,
+            quoted.sport,
+            quoted.proto,
+        );
+        let t = conntrack::peek(&key, ingress_ifindex, ingress, cfg, now)?;
+        if !ipv4_csum_ok(data, data_end, h) {
+            return Err(Reason::PassMalformed);
+        }
+        let icmp = IcmpRewrite::new(h, &t);
+        q.saddr = icmp.outer_saddr;
+        q.daddr = icmp.outer_daddr;
+        let (fib, route) = fib::lookup(ctx, &q);
+        out.t = t;
+        out.fib = fib;
+        out.route = route;
+        out.is_new = false;
+        out.is_icmp = true;
+        out.icmp = icmp;
+        return Ok(());
+    }
+
+    let key = CtKey::new(h.saddr, h.sport, h.daddr, h.dport, h.proto);
+    let lookup = conntrack::lookup(&key, h, ingress_ifindex, ingress, cfg, now)?;
+    if lookup.hit {
+        if !ipv4_csum_ok(data, data_end, h) {
+            return Err(Reason::PassMalformed);
+        }
+        let t = lookup.t;
+        q.saddr = t.saddr;
+        q.daddr = t.daddr;
+        q.sport = t.sport;
+        q.dport = t.dport;
+        let (fib, route) = fib::lookup(ctx, &q);
+        out.t = t;
+        out.fib = fib;
+        out.route = route;
+        out.is_new = false;
+        out.is_icmp = false;
+        return Ok(());
+    }
+
+    // A new flow: only from clients, only to a frontend, only a SYN.
+    if ingress.flags & IFACE_F_EXTERNAL == 0 {
+        return Err(Reason::PassNoService);
+    }
+    let fe = select::lookup_frontend(h).ok_or(Reason::PassNoService)?;
+    if fe.backend_count == 0 {
+        return Err(if fe.flags & FRONTEND_F_DROP_IF_EMPTY != 0 {
+            Reason::DropNoLocalBackend
+        } else {
+            Reason::PassNoBackend
+        });
+    }
+    if h.proto == IPPROTO_TCP && !conntrack::is_syn(h) {
+        return Err(Reason::PassNotSyn);
+    }
+    if cfg.flags & CONFIG_F_DRAINING != 0 {
+        return Err(Reason::PassDraining);
+    }
+    if !ipv4_csum_ok(data, data_end, h) {
+        return Err(Reason::PassMalformed);
+    }
+    let selected = select::select_backend(h, &fe, now)?;
+    let be = selected.be;
+    q.saddr = h.saddr;
+    q.daddr = be.addr_be;
+    q.sport = h.sport;
+    q.dport = be.port_be;
+    let (fib, route) = fib::lookup(ctx, &q);
+    out.t = Translation {
+        saddr: h.saddr,
+        daddr: be.addr_be,
+        sport: h.sport,
+        dport: be.port_be,
+        stats_slot: fe.stats_slot,
+        backend_slot: be.stats_slot,
+    };
+    out.fib = fib;
+    out.route = route;
+    out.is_new = true;
+    out.stale = lookup.stale;
+    out.stale_peer = lookup.stale_peer;
+    out.flow = NewFlow {
+        key,
+        fe,
+        be,
+        hash: selected.hash,
+    };
+    out.by_affinity = selected.by_affinity;
+    out.is_icmp = false;
+    out.now = now;
+    Ok(())
+}
+
+/// Tracks the plan's new flow (if it is one) and returns the final rewrite.
+#[inline(always)]
+pub fn commit(p: &Plan, h: &Headers) -> Result<Translation, Reason> {
+    if !p.is_new {
+        return Ok(p.t);
+    }
+    let t = conntrack::commit(
+        &p.flow,
+        p.stale,
+        &p.stale_peer,
+        h,
+        &p.route,
+        config()?,
+        p.now,
+    )?;
+    select::remember_affinity(h, &p.flow.fe, &p.flow.be, p.now);
+    if p.by_affinity {
+        crate::stats::count(Reason::AffinityHit);
+    }
+    Ok(t)
+}
