@@ -190,61 +190,55 @@ pub fn frag_needed_xdp(ctx: &XdpContext, h: &Headers, mtu: u16) -> Result<(), Re
     if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, ANSWER_LEN as i32 - len) } != 0 {
         return Err(Reason::PassFibFailed);
     }
-    let mut p = XdpBytes {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    };
+    // One bounds check for the whole answer; every access below is at a
+    // constant offset inside it (what the verifier follows best).
+    let frame: *mut [u8; ANSWER_LEN] = ptr_at(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: `ptr_at` checked that ANSWER_LEN bytes lie inside the packet,
+    // which XDP may write; a byte array has alignment 1.
+    let f = unsafe { &mut *frame };
     // Ethernet: back to where the packet came from.
-    let mut eth = [0u8; 14];
-    eth[0..6].copy_from_slice(&macs[6..12]);
-    eth[6..12].copy_from_slice(&macs[0..6]);
-    eth[12..14].copy_from_slice(&(EtherType::Ipv4 as u16).to_ne_bytes());
-    p.store(0, &eth)?;
+    f[0..6].copy_from_slice(&macs[6..12]);
+    f[6..12].copy_from_slice(&macs[0..6]);
+    f[12..14].copy_from_slice(&(EtherType::Ipv4 as u16).to_ne_bytes());
 
-    // ICMP header and its checksum over header and quote.
-    let icmp_words: [u16; 4] = [
-        u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED_CODE]),
-        0,
-        0,
-        mtu.to_be(),
-    ];
+    // IPv4: from the address the packet was sent to, back to its sender,
+    // precedence "internetwork control" as the kernel's own ICMP.
+    let ip = L3_OFF;
+    f[ip] = 0x45;
+    f[ip + 1] = 0xc0;
+    f[ip + 2..ip + 4].copy_from_slice(&(ANSWER_IP_LEN as u16).to_be_bytes());
+    f[ip + 4..ip + 8].copy_from_slice(&[0, 0, 0, 0]);
+    f[ip + ipv4::TTL] = 64;
+    f[ip + ipv4::TTL + 1] = IPPROTO_ICMP;
+    f[ip + ipv4::CHECK..ip + ipv4::CHECK + 2].copy_from_slice(&[0, 0]);
+    f[ip + ipv4::SADDR..ip + ipv4::SADDR + 4].copy_from_slice(&h.daddr.to_ne_bytes());
+    f[ip + ipv4::DADDR..ip + ipv4::DADDR + 4].copy_from_slice(&h.saddr.to_ne_bytes());
+    let check = !csum::fold(sum_words(f, ip, 20));
+    f[ip + ipv4::CHECK..ip + ipv4::CHECK + 2].copy_from_slice(&check.to_ne_bytes());
+
+    // ICMP: type, code, checksum, unused, next-hop MTU; the quote follows.
+    let icmp = ip + 20;
+    f[icmp] = ICMP_DEST_UNREACH;
+    f[icmp + 1] = ICMP_FRAG_NEEDED_CODE;
+    f[icmp + 2..icmp + 6].copy_from_slice(&[0, 0, 0, 0]);
+    f[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+    let check = !csum::fold(sum_words(f, icmp, ICMP_HDR_LEN + QUOTE_LEN));
+    f[icmp + 2..icmp + 4].copy_from_slice(&check.to_ne_bytes());
+    Ok(())
+}
+
+/// The one's-complement sum (unfolded) of `len` bytes at `off`, read as
+/// 16-bit words in memory order like `csum`'s functions.
+#[inline(always)]
+fn sum_words(f: &[u8; ANSWER_LEN], off: usize, len: usize) -> u32 {
     let mut sum: u32 = 0;
     let mut i = 0;
-    while i < 4 {
-        sum += icmp_words[i] as u32;
-        i += 1;
+    while i + 1 < len {
+        if off + i + 1 >= ANSWER_LEN {
+            break;
+        }
+        sum += u16::from_ne_bytes([f[off + i], f[off + i + 1]]) as u32;
+        i += 2;
     }
-    let quote_off = L3_OFF + 20 + ICMP_HDR_LEN;
-    let mut i = 0;
-    while i < QUOTE_LEN / 2 {
-        let w: u16 = p.load(quote_off + i * 2)?;
-        sum += w as u32;
-        i += 1;
-    }
-    let icmp_check = !csum::fold(sum);
-    let icmp: [u16; 4] = [icmp_words[0], icmp_check, icmp_words[2], icmp_words[3]];
-    p.store(L3_OFF + 20, &icmp)?;
-
-    // IPv4: from the address the packet was sent to, back to its sender.
-    // Precedence "internetwork control", as the kernel's own ICMP.
-    let words: [u16; 6] = [
-        u16::from_ne_bytes([0x45, 0xc0]),
-        (ANSWER_IP_LEN as u16).to_be(),
-        0,
-        0,
-        u16::from_ne_bytes([64, IPPROTO_ICMP]),
-        0,
-    ];
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 6 {
-        sum += words[i] as u32;
-        i += 1;
-    }
-    sum += (h.daddr & 0xffff) + (h.daddr >> 16) + (h.saddr & 0xffff) + (h.saddr >> 16);
-    let ip_check = !csum::fold(sum);
-    let ip: [u16; 6] = [words[0], words[1], words[2], words[3], words[4], ip_check];
-    p.store(L3_OFF, &ip)?;
-    p.store(L3_OFF + ipv4::SADDR, &h.daddr)?;
-    p.store(L3_OFF + ipv4::DADDR, &h.saddr)
+    sum
 }

@@ -103,6 +103,9 @@ impl Headers {
 /// A bounds-checked pointer to a `T` at `off`; the check the verifier wants.
 #[inline(always)]
 pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Result<*mut T, Reason> {
+    // Offsets come from headers (at most a few hundred bytes); the mask
+    // gives the verifier a bound for offsets it reads back from a map.
+    let off = off & 0x3fff;
     if data + off + size_of::<T>() > data_end {
         return Err(Reason::PassMalformed);
     }
@@ -252,19 +255,29 @@ fn parse_quoted(
 /// Whether the IPv4 header checksum verifies (the kernel drops it otherwise).
 #[inline(always)]
 pub fn ipv4_csum_ok(data: usize, data_end: usize, h: &Headers) -> bool {
+    // The fixed header in one bounds check; options, rare, word by word.
+    let Ok(fixed) = read_at::<[u32; 5]>(data, data_end, L3_OFF) else {
+        return false;
+    };
     let mut sum: u32 = 0;
     let mut i = 0;
-    // Bounded: at most 15 words of 32 bits.
-    while i < 15 {
-        if i * 4 >= h.ihl_len {
-            break;
-        }
-        let Ok(word) = read_at::<u32>(data, data_end, L3_OFF + i * 4) else {
-            return false;
-        };
-        sum += word & 0xffff;
-        sum += word >> 16;
+    while i < 5 {
+        sum += (fixed[i] & 0xffff) + (fixed[i] >> 16);
         i += 1;
+    }
+    if h.ihl_len > IPV4_MIN_LEN {
+        let mut i = 0;
+        // Bounded: at most 10 words of options.
+        while i < 10 {
+            if IPV4_MIN_LEN + i * 4 >= h.ihl_len {
+                break;
+            }
+            let Ok(word) = read_at::<u32>(data, data_end, L3_OFF + IPV4_MIN_LEN + i * 4) else {
+                return false;
+            };
+            sum += (word & 0xffff) + (word >> 16);
+            i += 1;
+        }
     }
     forwarder_common::csum::fold(sum) == 0xffff
 }

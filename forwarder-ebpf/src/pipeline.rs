@@ -16,8 +16,13 @@ use crate::{
     select,
 };
 
-/// What a packet should become.
+/// What a packet should become. It lives in a per-CPU map, not on the
+/// stack: the hooks' code after `plan` reads the headers and the decision
+/// back from there, so the verifier does not carry each path's precise
+/// register values into what follows (it prunes far more states).
 pub struct Plan {
+    /// The packet's headers, as `parse` read them.
+    pub h: Headers,
     /// The rewrite (for a new flow: toward the backend, before source NAT).
     pub t: Translation,
     pub fib: Fib,
@@ -32,6 +37,8 @@ pub struct Plan {
     pub is_icmp: bool,
     pub icmp: IcmpRewrite,
     pub now: u64,
+    /// The tuple the route is looked up for.
+    pub query: FibQuery,
 }
 
 /// Per-CPU room for the plan: the hooks' stacks (512 bytes) cannot hold it
@@ -62,24 +69,43 @@ pub fn plan(
     ctx: *mut c_void,
     data: usize,
     data_end: usize,
-    h: &Headers,
     ingress_ifindex: u32,
     ingress: &IfaceInfo,
     fib_tot_len: u16,
     out: &mut Plan,
 ) -> Result<(), Reason> {
+    let h = out.h;
+    let h = &h;
+    choose(h, ingress_ifindex, ingress, out)?;
+    // Only now, for packets that are ours: the kernel would drop a header
+    // whose checksum fails, so we leave it to do so.
+    if !ipv4_csum_ok(data, data_end, h) {
+        return Err(Reason::PassMalformed);
+    }
+    out.query.ingress = ingress_ifindex;
+    out.query.proto = h.proto;
+    out.query.tot_len = fib_tot_len;
+    let (fib, route) = fib::lookup(ctx, &out.query);
+    out.fib = fib;
+    out.route = route;
+    Ok(())
+}
+
+/// The flow a packet belongs to, or the new flow it starts, and the tuple
+/// its route is looked up for.
+#[inline(always)]
+fn choose(
+    h: &Headers,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    out: &mut Plan,
+) -> Result<(), Reason> {
     let cfg = config()?;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut q = FibQuery {
-        ingress: ingress_ifindex,
-        proto: h.proto,
-        saddr: 0,
-        daddr: 0,
-        sport: 0,
-        dport: 0,
-        tot_len: fib_tot_len,
-    };
+    out.now = now;
+    out.is_new = false;
+    out.is_icmp = false;
     if h.proto == IPPROTO_ICMP {
         let quoted = &h.quoted;
         // The error travels against the quoted packet: its reverse tuple is
@@ -92,39 +118,26 @@ pub fn plan(
             quoted.proto,
         );
         let t = conntrack::peek(&key, ingress_ifindex, ingress, cfg, now)?;
-        if !ipv4_csum_ok(data, data_end, h) {
-            return Err(Reason::PassMalformed);
-        }
         let icmp = IcmpRewrite::new(h, &t);
-        q.saddr = icmp.outer_saddr;
-        q.daddr = icmp.outer_daddr;
-        let (fib, route) = fib::lookup(ctx, &q);
         out.t = t;
-        out.fib = fib;
-        out.route = route;
-        out.is_new = false;
         out.is_icmp = true;
         out.icmp = icmp;
+        out.query.saddr = icmp.outer_saddr;
+        out.query.daddr = icmp.outer_daddr;
+        out.query.sport = 0;
+        out.query.dport = 0;
         return Ok(());
     }
 
     let key = CtKey::new(h.saddr, h.sport, h.daddr, h.dport, h.proto);
     let lookup = conntrack::lookup(&key, h, ingress_ifindex, ingress, cfg, now)?;
     if lookup.hit {
-        if !ipv4_csum_ok(data, data_end, h) {
-            return Err(Reason::PassMalformed);
-        }
         let t = lookup.t;
-        q.saddr = t.saddr;
-        q.daddr = t.daddr;
-        q.sport = t.sport;
-        q.dport = t.dport;
-        let (fib, route) = fib::lookup(ctx, &q);
         out.t = t;
-        out.fib = fib;
-        out.route = route;
-        out.is_new = false;
-        out.is_icmp = false;
+        out.query.saddr = t.saddr;
+        out.query.daddr = t.daddr;
+        out.query.sport = t.sport;
+        out.query.dport = t.dport;
         return Ok(());
     }
 
@@ -146,16 +159,8 @@ pub fn plan(
     if cfg.flags & CONFIG_F_DRAINING != 0 {
         return Err(Reason::PassDraining);
     }
-    if !ipv4_csum_ok(data, data_end, h) {
-        return Err(Reason::PassMalformed);
-    }
     let selected = select::select_backend(h, &fe, now)?;
     let be = selected.be;
-    q.saddr = h.saddr;
-    q.daddr = be.addr_be;
-    q.sport = h.sport;
-    q.dport = be.port_be;
-    let (fib, route) = fib::lookup(ctx, &q);
     out.t = Translation {
         saddr: h.saddr,
         daddr: be.addr_be,
@@ -164,8 +169,12 @@ pub fn plan(
         stats_slot: fe.stats_slot,
         backend_slot: be.stats_slot,
     };
-    out.fib = fib;
-    out.route = route;
+    // Routed toward the backend from the client; the route's device then
+    // picks the source-NAT address (commit).
+    out.query.saddr = h.saddr;
+    out.query.daddr = be.addr_be;
+    out.query.sport = h.sport;
+    out.query.dport = be.port_be;
     out.is_new = true;
     out.stale = lookup.stale;
     out.stale_peer = lookup.stale_peer;
@@ -176,14 +185,13 @@ pub fn plan(
         hash: selected.hash,
     };
     out.by_affinity = selected.by_affinity;
-    out.is_icmp = false;
-    out.now = now;
     Ok(())
 }
 
 /// Tracks the plan's new flow (if it is one) and returns the final rewrite.
 #[inline(always)]
-pub fn commit(p: &Plan, h: &Headers) -> Result<Translation, Reason> {
+pub fn commit(p: &Plan) -> Result<Translation, Reason> {
+    let h = &p.h;
     if !p.is_new {
         return Ok(p.t);
     }

@@ -17,7 +17,7 @@ use crate::{
     icmp::{self, TcBytes},
     maps::IFACES,
     nat,
-    parse::{self, Headers, MAX_HEADERS_LEN},
+    parse::{self, MAX_HEADERS_LEN},
     pipeline, stats,
     verdict::{Action, Verdict},
 };
@@ -104,28 +104,28 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
             .map_err(|_| Reason::PassMalformed)?;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let h: Headers = parse::parse(data, data_end, ctx.len() as usize)?;
+    let p = pipeline::scratch()?;
+    p.h = parse::parse(data, data_end, ctx.len() as usize)?;
     // SAFETY: `skb` is the program's own context, valid for its run.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY (get): a read-only copy of a map value of plain integers.
     let ingress: IfaceInfo =
         *unsafe { IFACES.get(ingress_ifindex) }.ok_or(Reason::PassNoService)?;
-    if h.ttl <= 1 {
+    if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
     // tot_len 0: the kernel checks the skb against the MTU itself, by its
     // GSO segments for a GRO/TSO super-packet.
-    let p = pipeline::scratch()?;
     pipeline::plan(
         ctx.as_ptr(),
         data,
         data_end,
-        &h,
         ingress_ifindex,
         &ingress,
         0,
         p,
     )?;
+    // From here on everything is read back from the plan (see `Plan`).
     if p.fib == Fib::Fail || p.fib == Fib::FragNeeded {
         return Ok(if p.is_new {
             Verdict::not_ours(Reason::PassFibFailed)
@@ -133,14 +133,14 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
             Verdict::flow_to_kernel(Reason::PassFibFailed)
         });
     }
-    let t = pipeline::commit(p, &h)?;
+    let t = pipeline::commit(p)?;
     *out = t;
     let route = p.route;
     if p.is_icmp {
-        icmp::rewrite(&mut TcBytes(ctx), &h, &p.icmp)?;
+        icmp::rewrite(&mut TcBytes(ctx), &p.h, &p.icmp)?;
         stats::count(Reason::IcmpTranslated);
     } else {
-        nat::rewrite_tc(ctx, &h, &t)?;
+        nat::rewrite_tc(ctx, &p.h, &t)?;
     }
     if p.fib == Fib::NoNeigh {
         return Ok(Verdict::forward(

@@ -14,9 +14,7 @@ use crate::{
     fib::Fib,
     icmp::{self, XdpBytes},
     maps::IFACES,
-    nat,
-    parse::{self, Headers},
-    pipeline, stats,
+    nat, parse, pipeline, stats,
     verdict::{Action, Verdict},
 };
 
@@ -77,23 +75,29 @@ fn iface(ifindex: u32) -> Option<IfaceInfo> {
 #[inline(always)]
 fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let h: Headers = parse::parse(data, data_end, data_end - data)?;
+    // Opaque to the optimiser: derived from data_end, it would let LLVM
+    // prove later bounds checks redundant and drop them, which the
+    // verifier cannot follow.
+    let pkt_len = core::hint::black_box(data_end - data);
+    let p = pipeline::scratch()?;
+    p.h = parse::parse(data, data_end, pkt_len)?;
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
     let ingress = iface(ingress_ifindex).ok_or(Reason::PassNoService)?;
-    if h.ttl <= 1 {
+    if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
-    let p = pipeline::scratch()?;
+    let tot_len = p.h.ip_len;
     pipeline::plan(
         ctx.as_ptr(),
         data,
         data_end,
-        &h,
         ingress_ifindex,
         &ingress,
-        h.ip_len,
+        tot_len,
         p,
     )?;
+    // From here on everything is read back from the plan (see `Plan`).
+    let h = &p.h;
     let can_tx_back = ingress.flags & IFACE_F_XDP_TX != 0;
     match p.fib {
         Fib::Forward => {}
@@ -102,7 +106,7 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
         // A router's answer: the sender learns the path's MTU. The packet
         // itself is not forwarded, as a router would not.
         Fib::FragNeeded if !p.is_new && !p.is_icmp && can_tx_back => {
-            icmp::frag_needed_xdp(ctx, &h, p.route.mtu)?;
+            icmp::frag_needed_xdp(ctx, h, p.route.mtu)?;
             return Ok(Verdict::forward(
                 Action::Tx,
                 Reason::XdpIcmpFragNeeded,
@@ -129,14 +133,15 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
         // tracks a new flow then.
         return Ok(Verdict::not_ours(Reason::XdpToTc));
     }
-    let t = pipeline::commit(p, &h)?;
+    let t = pipeline::commit(p)?;
+    let (data, data_end) = (ctx.data(), ctx.data_end());
     if p.is_icmp {
         let mut bytes = XdpBytes { data, data_end };
-        icmp::rewrite(&mut bytes, &h, &p.icmp)?;
+        icmp::rewrite(&mut bytes, h, &p.icmp)?;
         nat::set_macs_xdp(data, data_end, &route)?;
         stats::count(Reason::IcmpTranslated);
     } else {
-        nat::rewrite_xdp(data, data_end, &h, &t, &route)?;
+        nat::rewrite_xdp(data, data_end, h, &t, &route)?;
     }
     *out = t;
     let action = if route.ifindex == ingress_ifindex {

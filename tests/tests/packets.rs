@@ -13,7 +13,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
-use etherparse::{Ethernet2Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{
+    Ethernet2Header, Icmpv4Type, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
+};
 use forwarder::{
     maps::Maps,
     model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
@@ -558,14 +560,14 @@ fn packets_not_ours_pass_unchanged_with_their_reason_counted() {
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0u8; 28]);
         let mut icmp = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
-        icmp[14 + 9] = 1; // protocol ICMP (checksums are irrelevant to a pass)
+        icmp[14 + 9] = 1; // protocol ICMP, type 156 (checksums are irrelevant to a pass)
         let mut first_fragment = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
         first_fragment[14 + 6] |= 0x20; // more fragments
         let mut later_fragment = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
         later_fragment[14 + 7] = 0x10; // offset 16 * 8 bytes
         let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
             ("ARP", arp, Reason::PassNotIpv4),
-            ("ICMP", icmp, Reason::PassNotTcpUdp),
+            ("ICMP that is no error", icmp, Reason::PassIcmp),
             (
                 "another port",
                 tcp_frame(client, (NODE, 31999), 64, true, &[]),
@@ -763,6 +765,424 @@ fn idle_and_closed_flows_expire_and_their_tuple_starts_a_new_flow() {
             rig.count(Reason::CtRecycled)? == recycled + 1,
             "SYN after FIN did not start a new flow"
         );
+        Ok(())
+    })
+    .unwrap();
+}
+
+// ---- flow states, devices, ICMP ----------------------------------------
+
+fn tcp_flags_frame(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: &[&str],
+    payload: &[u8],
+) -> Vec<u8> {
+    let (smac, dmac) = macs_for(src.0);
+    let mut b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    for f in flags {
+        b = match *f {
+            "syn" => b.syn(),
+            "ack" => b.ack(2000),
+            "fin" => b.fin(),
+            "rst" => b.rst(),
+            other => panic!("unknown flag {other}"),
+        };
+    }
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("writing to a Vec");
+    out
+}
+
+fn entry_state(rig: &Rig, key: CtKey) -> Result<u8> {
+    Ok(rig.maps.conntrack.get(&key, 0).context("no entry")?.state)
+}
+
+#[test]
+fn only_a_clients_syn_starts_a_flow_and_the_handshake_establishes_it() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_TCP);
+        // Mid-stream packets of a flow we never saw (kube-proxy's, or none):
+        // the kernel's, with no state created, in both hooks.
+        for (i, flags) in [&["ack"][..], &["fin", "ack"], &["rst"], &["syn", "ack"]]
+            .iter()
+            .enumerate()
+        {
+            let client = (CLIENT, 40100 + i as u16);
+            let frame = tcp_flags_frame(client, front, flags, b"x");
+            for hook in ["xdp", "tc"] {
+                let before = rig.count(Reason::PassNotSyn)?;
+                let (v, out) = if hook == "xdp" {
+                    rig.xdp(rig.eth0, &frame)?
+                } else {
+                    rig.tc(rig.eth0, &frame)?
+                };
+                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
+                ensure!(v == pass && out == frame, "{flags:?} ({hook}): verdict {v}");
+                ensure!(
+                    rig.count(Reason::PassNotSyn)? == before + 1,
+                    "{flags:?} ({hook})"
+                );
+                ensure!(
+                    !rig.has_flow(ct_key(client, front, 6)),
+                    "{flags:?} ({hook}) tracked"
+                );
+            }
+        }
+        ensure!(rig.count(Reason::CtCreated)? == 0);
+
+        // SYN -> SYN_SENT; the backend's SYN-ACK -> SYN_RECV; the client's
+        // ACK -> ESTABLISHED (both entries share the state).
+        let client = (CLIENT, 40110);
+        let key = ct_key(client, front, 6);
+        let (v, out) = rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["syn"], &[]))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let reply_key = ct_key((REMOTE_POD, 80), (NODE, port), 6);
+        ensure!(entry_state(rig, key)? == forwarder_common::CT_STATE_NEW);
+        let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, port), &["syn", "ack"], &[]);
+        let (v, _) = rig.xdp(rig.eth0, &synack)?;
+        ensure!(v == XDP_TX, "SYN-ACK verdict {v}");
+        ensure!(entry_state(rig, key)? == forwarder_common::CT_STATE_SYN_RECV);
+        ensure!(entry_state(rig, reply_key)? == forwarder_common::CT_STATE_SYN_RECV);
+        let (v, _) = rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["ack"], &[]))?;
+        ensure!(v == XDP_TX);
+        ensure!(entry_state(rig, key)? == forwarder_common::CT_STATE_ESTABLISHED);
+        ensure!(entry_state(rig, reply_key)? == forwarder_common::CT_STATE_ESTABLISHED);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn packets_on_a_device_their_flow_does_not_use_are_not_translated() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        // A remote flow: its replies come in on eth0.
+        let client = (CLIENT, 40120);
+        let front = (NODE, NP_REMOTE_TCP);
+        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, true, &[]))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        // A local pod forging the remote backend's reply to our port.
+        let forged = tcp_frame((REMOTE_POD, 80), (NODE, port), 64, false, b"inject");
+        let before = rig.count(Reason::PassWrongDevice)?;
+        let (v, out) = rig.tc(rig.cali, &forged)?;
+        ensure!(
+            v == TC_ACT_OK && out == forged,
+            "forged reply from a pod: verdict {v}"
+        );
+        // A local pod forging the client's own packets.
+        let forged_client = tcp_frame(client, front, 64, false, b"inject");
+        let (v, out) = rig.tc(rig.cali, &forged_client)?;
+        ensure!(
+            v == TC_ACT_OK && out == forged_client,
+            "forged client packet: verdict {v}"
+        );
+
+        // A local flow: its replies come in on cali1; the same reply sent
+        // from outside (eth0) is somebody else's.
+        let client = (CLIENT, 40121);
+        let (v, _) = rig.tc(
+            rig.eth0,
+            &tcp_frame(client, (NODE, NP_LOCAL_TCP), 64, true, &[]),
+        )?;
+        ensure!(v == TC_ACT_REDIRECT);
+        let outside = tcp_frame((LOCAL_POD, 80), client, 64, false, b"inject");
+        let (v, out) = rig.xdp(rig.eth0, &outside)?;
+        ensure!(
+            v == XDP_PASS && out == outside,
+            "pod reply from outside (xdp): {v}"
+        );
+        let (v, out) = rig.tc(rig.eth0, &outside)?;
+        ensure!(
+            v == TC_ACT_OK && out == outside,
+            "pod reply from outside (tc): {v}"
+        );
+        ensure!(rig.count(Reason::PassWrongDevice)? == before + 4);
+        // The real reply on the pod's device still works.
+        let (v, _) = rig.tc(rig.cali, &outside)?;
+        ensure!(v == TC_ACT_REDIRECT, "real reply verdict {v}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn frames_the_kernel_would_refuse_are_passed_untracked() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_TCP);
+        let good = tcp_frame((CLIENT, 40130), front, 64, true, &[]);
+        let mut bad_ip_sum = good.clone();
+        bad_ip_sum[14 + 10] ^= 0x55;
+        let mut long_total = good.clone();
+        long_total[14 + 3] = long_total[14 + 3].wrapping_add(4); // total length past the frame
+        let mut doff_short = good.clone();
+        doff_short[14 + 20 + 12] = 0x40; // data offset 4
+        let mut doff_long = good.clone();
+        doff_long[14 + 20 + 12] = 0xf0; // data offset 15, past the packet
+        let syn_fin = tcp_flags_frame((CLIENT, 40131), front, &["syn", "fin"], &[]);
+        let mut udp_long = udp_frame((CLIENT, 40132), (NODE, NP_REMOTE_UDP), 64, b"query");
+        udp_long[14 + 20 + 5] += 8; // UDP length past the packet
+        let martian = tcp_frame((Ipv4Addr::new(127, 0, 0, 1), 40133), front, 64, true, &[]);
+        let zero_src = tcp_frame((Ipv4Addr::new(0, 0, 0, 0), 40134), front, 64, true, &[]);
+        let multicast_src = tcp_frame((Ipv4Addr::new(224, 0, 0, 5), 40135), front, 64, true, &[]);
+        let cases = [
+            ("bad IPv4 header checksum", bad_ip_sum),
+            ("total length past the frame", long_total),
+            ("TCP data offset under 5", doff_short),
+            ("TCP data offset past the packet", doff_long),
+            ("SYN+FIN", syn_fin),
+            ("UDP length past the packet", udp_long),
+            ("loopback source", martian),
+            ("zero source", zero_src),
+            ("multicast source", multicast_src),
+        ];
+        for (name, frame) in &cases {
+            for hook in ["xdp", "tc"] {
+                let before = rig.count(Reason::PassMalformed)?;
+                let (v, out) = if hook == "xdp" {
+                    rig.xdp(rig.eth0, frame)?
+                } else {
+                    rig.tc(rig.eth0, frame)?
+                };
+                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
+                ensure!(v == pass && &out == frame, "{name} ({hook}): verdict {v}");
+                ensure!(
+                    rig.count(Reason::PassMalformed)? == before + 1,
+                    "{name} ({hook}): not counted"
+                );
+            }
+        }
+        ensure!(
+            rig.count(Reason::CtCreated)? == 0,
+            "a refused frame created a flow"
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn draining_takes_no_new_flows_and_keeps_translating_existing_ones() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_TCP);
+        let old = (CLIENT, 40140);
+        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(old, front, 64, true, &[]))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let config = Config {
+            flags: forwarder_common::CONFIG_F_DRAINING,
+            ..Config::default()
+        };
+        rig.maps.config.set(0, config, 0)?;
+        let syn = tcp_frame((CLIENT, 40141), front, 64, true, &[]);
+        let (v, out) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(
+            v == XDP_PASS && out == syn,
+            "new flow while draining: verdict {v}"
+        );
+        ensure!(rig.count(Reason::PassDraining)? == 1);
+        let data = tcp_frame(old, front, 64, false, b"more");
+        let (v, out) = rig.xdp(rig.eth0, &data)?;
+        ensure!(v == XDP_TX, "existing flow while draining: verdict {v}");
+        let want = rewritten(&data, (ETH0_MAC, NODE2_MAC), (NODE, port), (REMOTE_POD, 80))?;
+        assert_frame("existing flow while draining", &out, &want)
+    })
+    .unwrap();
+}
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IPv4 packet, no Ethernet).
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, ty: Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let (smac, dmac) = macs_for(src);
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(ty);
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).expect("writing to a Vec");
+    out
+}
+
+/// `quoted` (an IPv4 packet, possibly cut short) with new addresses and
+/// ports, its IPv4 checksum recomputed and, where the quote holds it, the
+/// TCP checksum of the whole original packet recomputed too.
+fn requoted(
+    quoted: &[u8],
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    whole: bool,
+) -> Result<Vec<u8>> {
+    let mut q = quoted.to_vec();
+    q[12..16].copy_from_slice(&src.0.octets());
+    q[16..20].copy_from_slice(&dst.0.octets());
+    q[10..12].copy_from_slice(&[0, 0]);
+    let c = forwarder_common::csum::checksum(&q[..20]);
+    q[10..12].copy_from_slice(&c.to_ne_bytes());
+    q[20..22].copy_from_slice(&src.1.to_be_bytes());
+    q[22..24].copy_from_slice(&dst.1.to_be_bytes());
+    if whole {
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&q)
+            .map_err(|e| anyhow!("{e}"))?
+            .to_header();
+        let (mut tcp, payload) =
+            etherparse::TcpHeader::from_slice(&q[20..]).map_err(|e| anyhow!("{e}"))?;
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload)?;
+        let mut out = q[..20].to_vec();
+        tcp.write(&mut out)?;
+        out.extend_from_slice(payload);
+        q = out;
+    }
+    Ok(q)
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_both_ways() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40150);
+        let front = (NODE, NP_REMOTE_TCP);
+        let syn = tcp_frame(client, front, 64, true, &[]);
+        let (v, sent) = rig.xdp(rig.eth0, &syn)?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&sent)?;
+        let frag = Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        );
+        // From the backend's side, about the packet we sent it: once with
+        // the minimal quote, once with the whole packet (TCP checksum quoted).
+        for whole in [false, true] {
+            let quoted = if whole {
+                &sent[14..]
+            } else {
+                &sent[14..14 + 28]
+            };
+            for reporter in [REMOTE_POD, Ipv4Addr::new(192, 0, 2, 2)] {
+                let err = icmp_error(reporter, NODE, frag.clone(), quoted);
+                let (v, out) = rig.xdp(rig.eth0, &err)?;
+                ensure!(
+                    v == XDP_TX,
+                    "ICMP from {reporter} (whole {whole}): verdict {v}"
+                );
+                let inner = requoted(quoted, client, front, whole)?;
+                // The backend itself takes the frontend's address; a router keeps its own.
+                let outer_src = if reporter == REMOTE_POD {
+                    NODE
+                } else {
+                    reporter
+                };
+                let mut want = icmp_error(outer_src, CLIENT, frag.clone(), &inner);
+                want[0..6].copy_from_slice(&CLIENT_MAC);
+                want[6..12].copy_from_slice(&ETH0_MAC);
+                want[14 + 8] = 63;
+                want[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+                let c = forwarder_common::csum::checksum(&want[14..34]);
+                want[14 + 10..14 + 12].copy_from_slice(&c.to_ne_bytes());
+                ensure!(
+                    out == want,
+                    "ICMP from {reporter} (whole {whole}):\n got: {out:02x?}\nwant: {want:02x?}"
+                );
+            }
+        }
+        // From the client's side, about a reply we sent it.
+        let reply = tcp_frame((REMOTE_POD, 80), (NODE, port), 63, false, b"data");
+        let (v, to_client) = rig.xdp(rig.eth0, &reply)?;
+        ensure!(v == XDP_TX);
+        let unreach =
+            Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port);
+        let err = icmp_error(CLIENT, NODE, unreach.clone(), &to_client[14..14 + 28]);
+        let (v, out) = rig.xdp(rig.eth0, &err)?;
+        ensure!(v == XDP_TX, "ICMP from the client: verdict {v}");
+        let inner = requoted(
+            &to_client[14..14 + 28],
+            (REMOTE_POD, 80),
+            (NODE, port),
+            false,
+        )?;
+        let mut want = icmp_error(NODE, REMOTE_POD, unreach, &inner);
+        want[0..6].copy_from_slice(&NODE2_MAC);
+        want[6..12].copy_from_slice(&ETH0_MAC);
+        want[14 + 8] = 63;
+        want[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = forwarder_common::csum::checksum(&want[14..34]);
+        want[14 + 10..14 + 12].copy_from_slice(&c.to_ne_bytes());
+        ensure!(
+            out == want,
+            "ICMP from the client:\n got: {out:02x?}\nwant: {want:02x?}"
+        );
+        ensure!(rig.count(Reason::IcmpTranslated)? == 5);
+
+        // ICMP about nothing of ours, and echo requests: the kernel's.
+        let stray = tcp_frame((NODE, 61999), (REMOTE_POD, 80), 64, true, &[]);
+        let err = icmp_error(REMOTE_POD, NODE, frag, &stray[14..14 + 28]);
+        let (v, out) = rig.xdp(rig.eth0, &err)?;
+        ensure!(v == XDP_PASS && out == err, "stray ICMP: verdict {v}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn an_oversize_packet_of_a_flow_is_answered_with_fragmentation_needed() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let client = (CLIENT, 40160);
+        let front = (NODE, NP_REMOTE_TCP);
+        let (v, _) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, true, &[]))?;
+        ensure!(v == XDP_TX);
+        // A locked route MTU: forwarding honours a route's MTU only then
+        // (or with ip_forward_use_pmtu), for the kernel and bpf_fib_lookup alike.
+        integration_tests::netns::run_checked(std::process::Command::new("ip").args([
+            "route",
+            "replace",
+            "10.244.2.0/24",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "eth0",
+            "mtu",
+            "lock",
+            "1400",
+        ]))?;
+        let big = tcp_frame(client, front, 64, false, &[0x5a; 1400]);
+        let (v, out) = rig.xdp(rig.eth0, &big)?;
+        ensure!(v == XDP_TX, "verdict {v}");
+        ensure!(rig.count(Reason::XdpIcmpFragNeeded)? == 1);
+        let h = PacketHeaders::from_ethernet_slice(&out).map_err(|e| anyhow!("{e}"))?;
+        let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+            bail!("not IPv4")
+        };
+        ensure!(ip.source == NODE.octets() && ip.destination == CLIENT.octets());
+        ensure!(
+            ip.header_checksum == ip.calc_header_checksum(),
+            "bad IPv4 checksum"
+        );
+        ensure!(out[0..6] == CLIENT_MAC && out[6..12] == ETH0_MAC, "MACs");
+        let Some(TransportHeader::Icmpv4(icmp)) = &h.transport else {
+            bail!("not ICMP")
+        };
+        ensure!(
+            icmp.icmp_type
+                == Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: 1400
+                    }
+                ),
+            "ICMP type {:?}",
+            icmp.icmp_type
+        );
+        let quote = h.payload.slice();
+        ensure!(quote == &big[14..14 + 28], "quote differs");
+        let want = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type.clone(), quote);
+        ensure!(icmp.checksum == want.checksum, "bad ICMP checksum");
+        // A packet that fits still goes through.
+        let small = tcp_frame(client, front, 64, false, &[0x5a; 1000]);
+        let (v, _) = rig.xdp(rig.eth0, &small)?;
+        ensure!(v == XDP_TX);
         Ok(())
     })
     .unwrap();
