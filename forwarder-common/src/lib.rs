@@ -362,11 +362,16 @@ const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
-    /// Source ports for source-NATed flows, host byte order, inclusive.
+    /// Source ports for source-NATed flows, host byte order, inclusive: a
+    /// first range and an optional second one (both 0: none), so the ports
+    /// on both sides of the node's local port range can serve.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub snat2_port_min: u16,
+    pub snat2_port_max: u16,
     /// `CONFIG_F_*`.
     pub flags: u32,
+    pub _pad: u32,
     pub tcp_syn_timeout_ns: u64,
     pub tcp_syn_recv_timeout_ns: u64,
     pub tcp_established_timeout_ns: u64,
@@ -375,13 +380,22 @@ pub struct Config {
     pub udp_timeout_ns: u64,
     pub udp_replied_timeout_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 
 /// Draining: take no new flows (they go to the kernel, so kube-proxy), keep
 /// translating the existing ones.
 pub const CONFIG_F_DRAINING: u32 = 1 << 0;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Ports in `min..=max`; 0 for an empty range or one starting at 0.
+const fn range_len(min: u16, max: u16) -> u32 {
+    if min == 0 || max < min {
+        0
+    } else {
+        (max - min) as u32 + 1
+    }
+}
 
 impl Default for Config {
     /// kube-proxy's conntrack settings where it sets them (established 24 h),
@@ -391,7 +405,10 @@ impl Default for Config {
         Config {
             snat_port_min: 61_000,
             snat_port_max: 65_535,
+            snat2_port_min: 0,
+            snat2_port_max: 0,
             flags: 0,
+            _pad: 0,
             tcp_syn_timeout_ns: 120 * NS_PER_SEC,
             tcp_syn_recv_timeout_ns: 60 * NS_PER_SEC,
             tcp_established_timeout_ns: 86_400 * NS_PER_SEC,
@@ -404,6 +421,22 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many source-NAT ports the two ranges hold.
+    pub const fn snat_ports(&self) -> u32 {
+        range_len(self.snat_port_min, self.snat_port_max)
+            + range_len(self.snat2_port_min, self.snat2_port_max)
+    }
+
+    /// The `index`th source-NAT port (host order), `index < snat_ports()`.
+    pub const fn snat_port(&self, index: u32) -> u16 {
+        let first = range_len(self.snat_port_min, self.snat_port_max);
+        if index < first {
+            (self.snat_port_min as u32 + index) as u16
+        } else {
+            (self.snat2_port_min as u32 + (index - first)) as u16
+        }
+    }
+
     /// How long an entry in `state` for `proto` may sit idle.
     pub const fn timeout_ns(&self, proto: u8, state: u8) -> u64 {
         if proto == IPPROTO_TCP {
@@ -544,6 +577,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(e.peer_key(IPPROTO_TCP), CtKey::new(2, 4, 1, 3, IPPROTO_TCP));
+    }
+
+    #[test]
+    fn snat_ports_span_both_ranges() {
+        let c = Config {
+            snat_port_min: 61_000,
+            snat_port_max: 61_002,
+            snat2_port_min: 1024,
+            snat2_port_max: 1025,
+            ..Config::default()
+        };
+        assert_eq!(c.snat_ports(), 5);
+        let ports: [u16; 5] = core::array::from_fn(|i| c.snat_port(i as u32));
+        assert_eq!(ports, [61_000, 61_001, 61_002, 1024, 1025]);
+        assert_eq!(Config::default().snat_ports(), 4536);
     }
 
     #[test]

@@ -276,12 +276,10 @@ fn claim_snat_port(
     reply: &CtEntry,
     now: u64,
 ) -> Result<(u16, CtKey), Reason> {
-    let min = cfg.snat_port_min as u32;
-    let max = cfg.snat_port_max as u32;
-    if min == 0 || max < min {
+    let span = cfg.snat_ports();
+    if span == 0 {
         return Err(Reason::PassSnatExhausted);
     }
-    let span = max - min + 1;
     let mut i = 0;
     while i < SNAT_PROBES {
         // Odd stride: successive probes walk distinct ports.
@@ -289,15 +287,14 @@ fn claim_snat_port(
             Some(o) => o,
             None => return Err(Reason::PassSnatExhausted),
         };
-        let port = min + offset;
-        let port_be = (port as u16).to_be();
+        let port_be = cfg.snat_port(offset).to_be();
         let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
         if CONNTRACK.insert(rkey, *reply, BPF_NOEXIST as u64).is_ok() {
             return Ok((port_be, rkey));
         }
         // SAFETY (get): a read-only copy of a map value of plain integers.
         if let Some(old) = unsafe { CONNTRACK.get(rkey) } {
-            if old.state == CT_STATE_CLOSED || expired(old, proto, now, cfg) {
+            if reclaimable(old, proto, now, cfg) {
                 let _ = CONNTRACK.remove(old.peer_key(proto));
                 if CONNTRACK.insert(rkey, *reply, 0).is_ok() {
                     stats::count(Reason::CtRecycled);
@@ -308,6 +305,21 @@ fn claim_snat_port(
         i += 1;
     }
     Err(Reason::PassSnatExhausted)
+}
+
+/// How long a TCP handshake may stay half-open before its source port may
+/// go to a new flow: a SYN flood's entries (the backend answers, the forged
+/// client never does) must not hold the ports for their whole timeout.
+const HALF_OPEN_GRACE_NS: u64 = 3_000_000_000;
+
+/// A source port held by `old` may be taken over: closed, expired, or a
+/// TCP handshake that never completed within the grace period.
+#[inline(always)]
+fn reclaimable(old: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
+    let half_open = proto == IPPROTO_TCP
+        && (old.state == CT_STATE_NEW || old.state == CT_STATE_SYN_RECV)
+        && now.saturating_sub(old.created_ns) > HALF_OPEN_GRACE_NS;
+    old.state == CT_STATE_CLOSED || half_open || expired(old, proto, now, cfg)
 }
 
 /// Idle past the timeout for its state, in both directions.
