@@ -1094,6 +1094,7 @@ mod tests {
             }],
             no_snat: false,
             drop_if_empty: false,
+            affinity_timeout_s: 0,
         };
         desired.frontends.insert(f, fe(10));
         assert!(stale_flows(&entries, &desired).is_empty());
