@@ -21,7 +21,7 @@ use crate::{
     datapath::{self, Datapath, OnExit, Options, XdpModeArg, XdpTxArg},
     kube_source,
     model::{Desired, NodeContext},
-    netdev::Ipv4Cidr,
+    netdev::{self, Ipv4Cidr},
     observe::{self, DaemonMetrics, Health},
     plan,
     source::{self, ObjectSet},
@@ -50,11 +50,103 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
     pub snat_port_range: Option<(u16, u16)>,
     pub conntrack_entries: u32,
+    pub conntrack_timeouts: ConntrackTimeouts,
     pub on_exit: OnExit,
     pub generation: u32,
     pub health_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub health_timeout: Duration,
+}
+
+/// Conntrack timeouts by TCP state and for UDP, named as kube-proxy's flags
+/// where it has one; defaults are kube-proxy's (established 24 h) and the
+/// kernel's nf_conntrack ones elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct ConntrackTimeouts {
+    /// Idle timeout of a TCP flow whose SYN was seen, no SYN-ACK yet.
+    #[arg(
+        long = "conntrack-tcp-timeout-syn-sent",
+        value_name = "DURATION",
+        default_value = "120s",
+        value_parser = parse_timeout
+    )]
+    pub tcp_syn_sent: Duration,
+    /// Idle timeout of a TCP flow whose SYN-ACK was seen, no ACK yet.
+    #[arg(
+        long = "conntrack-tcp-timeout-syn-recv",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = parse_timeout
+    )]
+    pub tcp_syn_recv: Duration,
+    /// Idle timeout of an established TCP flow (kube-proxy's flag and default).
+    #[arg(
+        long = "conntrack-tcp-timeout-established",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = parse_timeout
+    )]
+    pub tcp_established: Duration,
+    /// Idle timeout of a TCP flow after a FIN.
+    #[arg(
+        long = "conntrack-tcp-timeout-fin",
+        value_name = "DURATION",
+        default_value = "120s",
+        value_parser = parse_timeout
+    )]
+    pub tcp_fin: Duration,
+    /// Idle timeout of a TCP flow after a RST.
+    #[arg(
+        long = "conntrack-tcp-timeout-close",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_timeout
+    )]
+    pub tcp_close: Duration,
+    /// Idle timeout of a UDP flow without a reply (kube-proxy's flag).
+    #[arg(
+        long = "conntrack-udp-timeout",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_timeout
+    )]
+    pub udp: Duration,
+    /// Idle timeout of a UDP flow once replied (kube-proxy's flag).
+    #[arg(
+        long = "conntrack-udp-timeout-stream",
+        value_name = "DURATION",
+        default_value = "120s",
+        value_parser = parse_timeout
+    )]
+    pub udp_stream: Duration,
+}
+
+/// A timeout flag's value: a duration (`90s`, `24h`, `1h 30m`), above zero
+/// and within what the datapath's nanosecond clock holds.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    if u64::try_from(d.as_nanos()).is_err() {
+        return Err(format!("{text:?}: too long"));
+    }
+    Ok(d)
+}
+
+impl ConntrackTimeouts {
+    /// Writes the timeouts into the datapath config.
+    pub fn apply(&self, config: &mut Config) {
+        // parse_timeout bounds every value to u64 nanoseconds.
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        config.tcp_syn_timeout_ns = ns(self.tcp_syn_sent);
+        config.tcp_syn_recv_timeout_ns = ns(self.tcp_syn_recv);
+        config.tcp_established_timeout_ns = ns(self.tcp_established);
+        config.tcp_fin_timeout_ns = ns(self.tcp_fin);
+        config.tcp_closed_timeout_ns = ns(self.tcp_close);
+        config.udp_timeout_ns = ns(self.udp);
+        config.udp_replied_timeout_ns = ns(self.udp_stream);
+    }
 }
 
 /// How often addresses and pod devices are re-checked.
@@ -64,7 +156,11 @@ const SWEEP: Duration = Duration::from_secs(10);
 
 pub async fn run(args: RunArgs) -> Result<()> {
     datapath::check_privileges()?;
+    // `flags` stay 0: the datapath is loaded with this config, which clears
+    // CONFIG_F_DRAINING. So a daemon that starts (or adopts) cancels a drain
+    // in progress, and `forwarder uninstall` then leaves the datapath to it.
     let mut config = Config::default();
+    args.conntrack_timeouts.apply(&mut config);
     if let Some((min, max)) = args.snat_port_range {
         config.snat_port_min = min;
         config.snat_port_max = max;
@@ -120,11 +216,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let result = serve(&mut dp, &args, &opts, rx, &health, &metrics).await;
     let on_exit = if result.is_err() && dp.adopted.is_none() && !dp.attached() {
         // Nothing was ever forwarding: leave nothing behind.
-        OnExit::Cleanup
+        OnExit::Cleanup {
+            drain_timeout: Duration::ZERO,
+        }
     } else {
         args.on_exit
     };
-    let shutdown = dp.shutdown(on_exit);
+    // A drain waits: off the runtime's thread, so /healthz and /metrics
+    // keep answering meanwhile.
+    let shutdown = tokio::task::spawn_blocking(move || dp.shutdown(on_exit))
+        .await
+        .context("the shutdown task failed")?;
     result.and(shutdown)
 }
 
@@ -152,6 +254,10 @@ struct State {
     generation: Option<u64>,
     addresses: Vec<Ipv4Addr>,
     desired: Desired,
+    /// Local pods that conntrack entries lead to (refreshed at each sweep):
+    /// a pod that left every backend set keeps its device's tc program
+    /// while its flows last, or their replies would meet netfilter mid-flow.
+    flow_local_backends: BTreeSet<Ipv4Addr>,
 }
 
 async fn serve(
@@ -166,7 +272,11 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut state = State::default();
+    let mut state = State {
+        // Flows an adopted datapath carries to local pods.
+        flow_local_backends: dp.local_backends_with_flows(),
+        ..State::default()
+    };
     let mut ready = false;
     let mut last_sweep = Instant::now();
     let mut source_alive = true;
@@ -256,8 +366,12 @@ async fn serve(
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             match dp.sweep_conntrack(&opts.config) {
-                Ok(0) => {}
-                Ok(n) => info!("conntrack: removed {n} idle entries"),
+                Ok(sweep) => {
+                    if sweep.removed != 0 {
+                        info!("conntrack: removed {} idle entries", sweep.removed);
+                    }
+                    state.flow_local_backends = sweep.local_backends;
+                }
                 Err(e) => warn!("conntrack sweep: {e:#}"),
             }
         }
@@ -316,19 +430,111 @@ fn reconcile(
         }
         match dp.purge_stale_flows(&t.desired) {
             Ok(0) => {}
-            Ok(n) => info!("conntrack: removed {n} entries of flows whose backend is gone"),
+            Ok(n) => info!("conntrack: removed {n} entries of UDP flows whose backend is gone"),
             Err(e) => warn!("conntrack purge: {e:#}"),
+        }
+        // A local pod that left: its flows may be younger than the last
+        // sweep, so look now rather than detach under them.
+        if local_backends(&state.desired)
+            .difference(&local_backends(&t.desired))
+            .next()
+            .is_some()
+        {
+            state.flow_local_backends = dp.local_backends_with_flows();
         }
         state.desired = t.desired;
         state.generation = Some(set.generation);
         state.addresses = addresses;
     }
-    let local_pods: BTreeSet<Ipv4Addr> = state
-        .desired
+    let mut local_pods = local_backends(&state.desired);
+    let lingering: Vec<Ipv4Addr> = state
+        .flow_local_backends
+        .difference(&local_pods)
+        .copied()
+        .collect();
+    if !lingering.is_empty() {
+        // Only while the pod is still routed through a pod device: a
+        // deleted pod's flows are dead, nothing to keep for them.
+        let routes = netdev::routes()?;
+        local_pods.extend(lingering.into_iter().filter(|pod| {
+            netdev::route_device(&routes, *pod)
+                .is_some_and(|dev| !args.ifaces.iter().any(|i| i == dev))
+        }));
+    }
+    dp.sync_pod_devices(&local_pods)?;
+    Ok(changed)
+}
+
+/// The local pods among the backends.
+fn local_backends(desired: &Desired) -> BTreeSet<Ipv4Addr> {
+    desired
         .frontends
         .values()
         .flat_map(|f| f.backends.iter().filter(|b| b.local).map(|b| b.addr))
-        .collect();
-    dp.sync_pod_devices(&local_pods)?;
-    Ok(changed)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        timeouts: ConntrackTimeouts,
+    }
+
+    fn config_from(args: &[&str]) -> Result<Config, clap::Error> {
+        let flags =
+            Flags::try_parse_from(std::iter::once("forwarder").chain(args.iter().copied()))?;
+        let mut config = Config::default();
+        flags.timeouts.apply(&mut config);
+        Ok(config)
+    }
+
+    #[test]
+    fn default_timeouts_are_the_datapath_defaults() {
+        assert_eq!(config_from(&[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn each_timeout_flag_sets_its_own_field() {
+        let s = 1_000_000_000u64;
+        let c = config_from(&[
+            "--conntrack-tcp-timeout-syn-sent=1s",
+            "--conntrack-tcp-timeout-syn-recv=2s",
+            "--conntrack-tcp-timeout-established=1h 30m",
+            "--conntrack-tcp-timeout-fin=4s",
+            "--conntrack-tcp-timeout-close=5s",
+            "--conntrack-udp-timeout=6s",
+            "--conntrack-udp-timeout-stream=500ms",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp_syn_timeout_ns, s);
+        assert_eq!(c.tcp_syn_recv_timeout_ns, 2 * s);
+        assert_eq!(c.tcp_established_timeout_ns, 5400 * s);
+        assert_eq!(c.tcp_fin_timeout_ns, 4 * s);
+        assert_eq!(c.tcp_closed_timeout_ns, 5 * s);
+        assert_eq!(c.udp_timeout_ns, 6 * s);
+        assert_eq!(c.udp_replied_timeout_ns, s / 2);
+        let untouched = Config::default();
+        assert_eq!(
+            (c.snat_port_min, c.snat_port_max, c.flags),
+            (untouched.snat_port_min, untouched.snat_port_max, 0)
+        );
+    }
+
+    #[test]
+    fn zero_malformed_or_huge_timeouts_are_refused() {
+        for (arg, needle) in [
+            ("--conntrack-tcp-timeout-fin=0s", "must be more than zero"),
+            ("--conntrack-udp-timeout=soon", "\"soon\""),
+            ("--conntrack-tcp-timeout-established=1000years", "too long"),
+        ] {
+            let e = config_from(&[arg]).unwrap_err().to_string();
+            assert!(e.contains(needle), "{arg}: {e}");
+        }
+    }
 }

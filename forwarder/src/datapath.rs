@@ -5,11 +5,12 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{MapData, MapType},
+    maps::{Array, HashMap, Map, MapData, MapType},
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -21,8 +22,9 @@ use aya::{
 use forwarder_common::{
     map_names, program_names, AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters,
     CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason,
-    ServiceLabel, CT_F_REPLY, GENERATION_GLOBAL, IFACE_F_EXTERNAL, IFACE_F_TC_ONLY,
-    IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC, IFACE_F_XDP_TX,
+    ServiceLabel, CONFIG_F_DRAINING, CT_F_REPLY, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_FIN,
+    GENERATION_GLOBAL, IFACE_F_EXTERNAL, IFACE_F_TC_ONLY, IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC,
+    IFACE_F_XDP_TX, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{info, warn};
 
@@ -111,8 +113,9 @@ pub enum OnExit {
     /// Leave programs attached and maps pinned: forwarding goes on, and the
     /// next daemon adopts them (rolling updates, crashes).
     KeepForwarding,
-    /// Detach everything and remove the pins: traffic goes back to kube-proxy.
-    Cleanup,
+    /// Drain (see [`drain`]), then detach everything and remove the pins:
+    /// traffic goes back to kube-proxy.
+    Cleanup { drain_timeout: Duration },
 }
 
 pub struct Datapath {
@@ -694,19 +697,25 @@ impl Datapath {
     }
 
     /// Deletes conntrack entries idle past their timeout (both directions),
-    /// freeing their source ports. Returns how many entries were removed.
-    pub fn sweep_conntrack(&mut self, config: &Config) -> Result<usize> {
+    /// freeing their source ports, and reports what the remaining flows need.
+    pub fn sweep_conntrack(&mut self, config: &Config) -> Result<Sweep> {
         let now = monotonic_ns()?;
-        let entries = self.conntrack_snapshot();
+        let mut entries = self.conntrack_snapshot();
         let expired = expired_flows(&entries, config, now);
         for k in &expired {
             let _ = self.maps.conntrack.remove(k);
+            entries.remove(k);
         }
-        Ok(expired.len())
+        Ok(Sweep {
+            removed: expired.len(),
+            local_backends: local_backends_with_flows(&entries),
+        })
     }
 
-    /// Deletes flows whose backend left their frontend's backend list, so
-    /// their next packet picks a live backend instead of a vanished pod.
+    /// Deletes UDP flows whose backend left their frontend's backend list,
+    /// so their next packet picks a live backend instead of a vanished pod
+    /// (kube-proxy flushes those). TCP flows keep their backend until they
+    /// end, as under kube-proxy: that is what lets a terminating pod drain.
     pub fn purge_stale_flows(&mut self, desired: &Desired) -> Result<usize> {
         let entries = self.conntrack_snapshot();
         let stale = stale_flows(&entries, desired);
@@ -717,21 +726,17 @@ impl Datapath {
     }
 
     fn conntrack_snapshot(&self) -> BTreeMap<CtKey, CtEntry> {
-        let mut entries = BTreeMap::new();
-        for item in self.maps.conntrack.iter() {
-            match item {
-                Ok((k, v)) => {
-                    entries.insert(k, v);
-                }
-                // Entries can vanish (LRU) while we walk.
-                Err(e) => log::debug!("conntrack walk: {e}"),
-            }
-        }
-        entries
+        conntrack_entries_of(&self.maps.conntrack)
     }
 
     pub fn conntrack_entries(&self) -> usize {
         self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Backends without source NAT (local pods) that conntrack entries
+    /// still lead to: their devices must keep the tc program.
+    pub fn local_backends_with_flows(&self) -> BTreeSet<Ipv4Addr> {
+        local_backends_with_flows(&self.conntrack_snapshot())
     }
 
     /// Stops the daemon's part: by default the datapath stays in place.
@@ -757,18 +762,191 @@ impl Datapath {
                 );
                 Ok(())
             }
-            OnExit::Cleanup => {
+            OnExit::Cleanup { drain_timeout } => {
+                // The links and maps are pinned: dropping our handles
+                // changes nothing for packets while the drain runs.
                 drop((external, pod_devices, maps, ebpf));
-                uninstall(&pin_dir)
+                uninstall(&pin_dir, drain_timeout).map(|_| ())
             }
         }
     }
 }
 
-/// Detaches every program we pinned and removes every pin under `pin_dir`:
-/// the node is left as it was, and kube-proxy handles all traffic again.
-/// Works without a daemon.
-pub fn uninstall(pin_dir: &Path) -> Result<()> {
+/// What [`sweep_conntrack`](Datapath::sweep_conntrack) did and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries removed (a flow has two).
+    pub removed: usize,
+    /// See [`local_backends_with_flows`].
+    pub local_backends: BTreeSet<Ipv4Addr>,
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// No datapath config is pinned (nothing installed, or another
+    /// version's layout): nothing to drain.
+    NothingToDrain,
+    /// No live TCP flow is left.
+    Drained { waited: Duration },
+    /// The deadline passed with `open` TCP flows still live.
+    DeadlinePassed { open: usize },
+    /// A daemon started meanwhile and wrote its own config, clearing the
+    /// draining flag: it owns the datapath now, which stays in place.
+    Cancelled,
+}
+
+/// How often a drain counts the live flows, and how often it says so.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+const DRAIN_PROGRESS: Duration = Duration::from_secs(5);
+
+fn open_pinned_as<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    pin_dir: &Path,
+    name: &str,
+) -> Result<T> {
+    let path = pin_path(pin_dir, name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("map {} has another layout", path.display()))
+}
+
+/// What a drain reads and writes: the datapath's config and its flows.
+pub trait DrainTarget {
+    fn config(&self) -> Result<Config>;
+    fn set_config(&mut self, config: Config) -> Result<()>;
+    fn flows(&self) -> BTreeMap<CtKey, CtEntry>;
+    /// The clock the datapath stamps flows with.
+    fn now_ns(&self) -> Result<u64>;
+}
+
+/// The pinned maps of an installed datapath.
+struct PinnedDatapath {
+    config: Array<MapData, Config>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+}
+
+impl DrainTarget for PinnedDatapath {
+    fn config(&self) -> Result<Config> {
+        self.config
+            .get(&0, 0)
+            .context("reading the datapath config")
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing the datapath config")
+    }
+
+    fn flows(&self) -> BTreeMap<CtKey, CtEntry> {
+        conntrack_entries_of(&self.conntrack)
+    }
+
+    fn now_ns(&self) -> Result<u64> {
+        monotonic_ns()
+    }
+}
+
+/// Sets `CONFIG_F_DRAINING` in the datapath pinned under `pin_dir` and
+/// waits for its TCP flows (see [`drain_target`]).
+pub fn drain(pin_dir: &Path, timeout: Duration) -> Result<DrainOutcome> {
+    if !pin_path(pin_dir, map_names::CONFIG).exists() {
+        return Ok(DrainOutcome::NothingToDrain);
+    }
+    let opened = open_pinned_as(pin_dir, map_names::CONFIG).and_then(|config| {
+        Ok(PinnedDatapath {
+            config,
+            conntrack: open_pinned_as(pin_dir, map_names::CONNTRACK)?,
+        })
+    });
+    match opened {
+        Ok(mut target) => drain_target(&mut target, timeout, DRAIN_POLL),
+        Err(e) => {
+            warn!("not draining: {e:#}");
+            Ok(DrainOutcome::NothingToDrain)
+        }
+    }
+}
+
+/// Sets `CONFIG_F_DRAINING` (a read-modify-write of the config: the
+/// datapath then sends new flows to the kernel, so kube-proxy, from their
+/// first packet, and keeps translating its own), then checks every `poll`
+/// until no live TCP flow is left, `timeout` passes, or a new daemon
+/// cancels the drain by writing its own config. UDP flows are not waited
+/// for: kube-proxy takes a UDP flow over from its next packet.
+pub fn drain_target(
+    target: &mut impl DrainTarget,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<DrainOutcome> {
+    let mut config = target.config()?;
+    config.flags |= CONFIG_F_DRAINING;
+    target
+        .set_config(config)
+        .context("setting the datapath's draining flag")?;
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut last_progress: Option<Instant> = None;
+    loop {
+        let config = target.config()?;
+        if config.flags & CONFIG_F_DRAINING == 0 {
+            return Ok(DrainOutcome::Cancelled);
+        }
+        let live = live_tcp_flows(&target.flows(), &config, target.now_ns()?);
+        if live == 0 {
+            return Ok(DrainOutcome::Drained {
+                waited: started.elapsed(),
+            });
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(DrainOutcome::DeadlinePassed { open: live });
+        }
+        if last_progress.is_none_or(|t| t.elapsed() >= DRAIN_PROGRESS) {
+            info!(
+                "draining: {live} live TCP flows, new flows go to kube-proxy ({} s left)",
+                left.as_secs()
+            );
+            last_progress = Some(Instant::now());
+        }
+        std::thread::sleep(left.min(poll));
+    }
+}
+
+/// What [`uninstall`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uninstalled {
+    pub drain: DrainOutcome,
+    /// Program attachments detached (0 when the drain was cancelled).
+    pub detached: usize,
+}
+
+/// Drains for at most `drain_timeout` (see [`drain`]; zero: not at all),
+/// then detaches every program we pinned and removes every pin under
+/// `pin_dir`: the node is left as it was, and kube-proxy handles all
+/// traffic again. Works without a daemon. A drain cancelled by a new
+/// daemon leaves everything in place.
+pub fn uninstall(pin_dir: &Path, drain_timeout: Duration) -> Result<Uninstalled> {
+    let outcome = drain(pin_dir, drain_timeout)?;
+    match outcome {
+        DrainOutcome::Cancelled => {
+            warn!("a forwarder daemon started while draining and took the datapath over: leaving it in place");
+            return Ok(Uninstalled {
+                drain: outcome,
+                detached: 0,
+            });
+        }
+        DrainOutcome::DeadlinePassed { open } => warn!(
+            "drain timeout ({} s) passed with {open} TCP flows still open: detaching cuts them",
+            drain_timeout.as_secs()
+        ),
+        DrainOutcome::Drained { waited } if !waited.is_zero() => info!(
+            "drained: no live TCP flow left after {:.1} s",
+            waited.as_secs_f64()
+        ),
+        DrainOutcome::Drained { .. } | DrainOutcome::NothingToDrain => {}
+    }
     let mut detached = 0;
     if let Ok(rd) = fs::read_dir(links_dir(pin_dir)) {
         for entry in rd.flatten() {
@@ -797,7 +975,10 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
         "detached {detached} program attachments and removed the pins in {}",
         pin_dir.display()
     );
-    Ok(())
+    Ok(Uninstalled {
+        drain: outcome,
+        detached,
+    })
 }
 
 /// Removes a link's pin; once our handle is gone too the link detaches.
@@ -941,12 +1122,72 @@ pub fn expired_flows(entries: &BTreeMap<CtKey, CtEntry>, config: &Config, now: u
     out
 }
 
-/// Keys (both directions) of flows whose backend is no longer a backend of
-/// the frontend the client addressed.
+/// Every conntrack entry (a walk of a live map: entries may come and go).
+fn conntrack_entries_of(map: &HashMap<MapData, CtKey, CtEntry>) -> BTreeMap<CtKey, CtEntry> {
+    let mut entries = BTreeMap::new();
+    for item in map.iter() {
+        match item {
+            Ok((k, v)) => {
+                entries.insert(k, v);
+            }
+            // Entries can vanish (LRU) while we walk.
+            Err(e) => log::debug!("conntrack walk: {e}"),
+        }
+    }
+    entries
+}
+
+/// Whether the TCP flow of entry `e` is still open: not finishing or reset,
+/// and not idle past its state's timeout (judged by the more recent of its
+/// two entries).
+pub fn is_live_tcp_flow(e: &CtEntry, peer: Option<&CtEntry>, config: &Config, now: u64) -> bool {
+    if e.state == CT_STATE_FIN || e.state == CT_STATE_CLOSED {
+        return false;
+    }
+    let last = peer.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+    now.saturating_sub(last) <= config.timeout_ns(IPPROTO_TCP, e.state)
+}
+
+/// Open TCP flows, each counted once: by its forward entry, or by its reply
+/// entry when LRU pressure evicted the forward one (the datapath rebuilds it).
+pub fn live_tcp_flows(entries: &BTreeMap<CtKey, CtEntry>, config: &Config, now: u64) -> usize {
+    entries
+        .iter()
+        .filter(|(k, _)| k.proto == IPPROTO_TCP)
+        .filter(|(k, e)| {
+            let peer = entries.get(&e.peer_key(k.proto));
+            let counted_by_peer = e.flags & CT_F_REPLY != 0 && peer.is_some();
+            !counted_by_peer && is_live_tcp_flow(e, peer, config, now)
+        })
+        .count()
+}
+
+/// Backends of flows without source NAT: local pods (remote backends are
+/// source-NATed, and the Local policy, which is not, has only local
+/// backends). Their replies come in through a pod device.
+pub fn local_backends_with_flows(entries: &BTreeMap<CtKey, CtEntry>) -> BTreeSet<Ipv4Addr> {
+    entries
+        .iter()
+        .filter(|(_, e)| e.flags & CT_F_SNAT == 0)
+        .map(|(k, e)| {
+            // A reply entry is keyed by the backend's packet.
+            let backend = if e.flags & CT_F_REPLY != 0 {
+                k.saddr_be
+            } else {
+                e.new_daddr_be
+            };
+            Ipv4Addr::from(backend.to_ne_bytes())
+        })
+        .collect()
+}
+
+/// Keys (both directions) of UDP flows whose backend is no longer a backend
+/// of the frontend the client addressed. TCP flows are never stale: as
+/// under kube-proxy, they keep their backend until they close or idle out.
 pub fn stale_flows(entries: &BTreeMap<CtKey, CtEntry>, desired: &Desired) -> Vec<CtKey> {
     let mut out = Vec::new();
     for (k, e) in entries {
-        if e.flags & CT_F_REPLY != 0 {
+        if e.flags & CT_F_REPLY != 0 || k.proto != IPPROTO_UDP {
             continue;
         }
         let Some(proto) = Protocol::from_number(k.proto) else {
@@ -1001,11 +1242,10 @@ pub fn local_port_range() -> Option<(u16, u16)> {
 
 #[cfg(test)]
 mod tests {
-    use forwarder_common::{
-        CT_F_REPLY, CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP, IPPROTO_UDP,
-    };
+    use forwarder_common::{CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_SYN_RECV};
 
     use super::*;
+    use crate::model::{DesiredBackend, DesiredFrontend};
 
     fn pair(last_fwd: u64, last_rev: u64, proto: u8, state: u8) -> BTreeMap<CtKey, CtEntry> {
         let fwd_key = CtKey::new(1, 100, 2, 200, proto);
@@ -1060,47 +1300,278 @@ mod tests {
         assert_eq!(expired_flows(&t, &c, 86_401 * s).len(), 2);
     }
 
-    #[test]
-    fn flows_to_a_removed_backend_are_stale_the_others_kept() {
-        use crate::model::{DesiredBackend, DesiredFrontend};
+    fn client_flow(proto: u8, backend_last: u8, flags: u8) -> (CtKey, CtEntry) {
         let client = CtKey::new(
             u32::from_ne_bytes([192, 0, 2, 100]),
             40000u16.to_be(),
             u32::from_ne_bytes([192, 0, 2, 1]),
             31380u16.to_be(),
-            IPPROTO_TCP,
+            proto,
         );
-        let to = |last: u8| CtEntry {
+        let entry = CtEntry {
             new_saddr_be: client.saddr_be,
             new_sport_be: client.sport_be,
-            new_daddr_be: u32::from_ne_bytes([10, 244, 1, last]),
+            new_daddr_be: u32::from_ne_bytes([10, 244, 1, backend_last]),
             new_dport_be: 80u16.to_be(),
+            flags,
             ..Default::default()
         };
-        let entries = BTreeMap::from([(client, to(10))]);
-        let mut desired = Desired::default();
-        let f = FrontendAddr {
-            addr: Ipv4Addr::new(192, 0, 2, 1),
-            port: 31380,
-            proto: Protocol::Tcp,
+        (client, entry)
+    }
+
+    fn frontend_to(proto: Protocol, backend_last: u8) -> (FrontendAddr, DesiredFrontend) {
+        (
+            FrontendAddr {
+                addr: Ipv4Addr::new(192, 0, 2, 1),
+                port: 31380,
+                proto,
+            },
+            DesiredFrontend {
+                service: "ns/s".into(),
+                port_name: String::new(),
+                backends: vec![DesiredBackend {
+                    addr: Ipv4Addr::new(10, 244, 1, backend_last),
+                    port: 80,
+                    local: true,
+                }],
+                no_snat: false,
+                drop_if_empty: false,
+                affinity_timeout_s: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn udp_flows_to_a_removed_backend_are_stale_the_others_kept() {
+        let (client, to10) = client_flow(IPPROTO_UDP, 10, 0);
+        let entries = BTreeMap::from([(client, to10)]);
+        let desired = |last| Desired {
+            frontends: [frontend_to(Protocol::Udp, last)].into_iter().collect(),
         };
-        let fe = |last: u8| DesiredFrontend {
-            service: "ns/s".into(),
-            port_name: String::new(),
-            backends: vec![DesiredBackend {
-                addr: Ipv4Addr::new(10, 244, 1, last),
-                port: 80,
-                local: true,
-            }],
-            no_snat: false,
-            drop_if_empty: false,
-        };
-        desired.frontends.insert(f, fe(10));
-        assert!(stale_flows(&entries, &desired).is_empty());
-        desired.frontends.insert(f, fe(11));
-        let stale = stale_flows(&entries, &desired);
-        assert_eq!(stale, vec![client, to(10).peer_key(IPPROTO_TCP)]);
+        assert!(stale_flows(&entries, &desired(10)).is_empty());
+        let stale = stale_flows(&entries, &desired(11));
+        assert_eq!(stale, vec![client, to10.peer_key(IPPROTO_UDP)]);
         assert_eq!(stale_flows(&entries, &Desired::default()).len(), 2);
+    }
+
+    #[test]
+    fn tcp_flows_keep_their_backend_when_it_leaves_as_under_kube_proxy() {
+        let (client, to10) = client_flow(IPPROTO_TCP, 10, 0);
+        let reply_key = to10.peer_key(IPPROTO_TCP);
+        let entries = BTreeMap::from([
+            (client, to10),
+            (
+                reply_key,
+                CtEntry {
+                    flags: CT_F_REPLY,
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let moved = Desired {
+            frontends: [frontend_to(Protocol::Tcp, 11)].into_iter().collect(),
+        };
+        assert!(stale_flows(&entries, &moved).is_empty());
+        assert!(
+            stale_flows(&entries, &Desired::default()).is_empty(),
+            "not even when the Service is gone"
+        );
+    }
+
+    #[test]
+    fn live_tcp_flows_are_open_and_recent_each_counted_once() {
+        let c = Config::default();
+        let s = 1_000_000_000u64;
+        let count = |t: &BTreeMap<CtKey, CtEntry>, now| live_tcp_flows(t, &c, now);
+        // Both entries of an established flow: one live flow.
+        let established = pair(0, 10 * s, IPPROTO_TCP, CT_STATE_ESTABLISHED);
+        assert_eq!(count(&established, 20 * s), 1);
+        // Idle past the established timeout (judged by the later entry).
+        assert_eq!(count(&established, (10 + 86_400) * s), 1);
+        assert_eq!(count(&established, (11 + 86_400) * s), 0);
+        // Handshakes under way are live until their own timeouts.
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_NEW), 119 * s), 1);
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_NEW), 121 * s), 0);
+        assert_eq!(
+            count(&pair(0, 0, IPPROTO_TCP, CT_STATE_SYN_RECV), 59 * s),
+            1
+        );
+        assert_eq!(
+            count(&pair(0, 0, IPPROTO_TCP, CT_STATE_SYN_RECV), 61 * s),
+            0
+        );
+        // Finishing or reset flows are not waited for, however recent.
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_FIN), s), 0);
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_CLOSED), s), 0);
+        // UDP is never waited for.
+        assert_eq!(count(&pair(0, 0, IPPROTO_UDP, CT_STATE_ESTABLISHED), s), 0);
+        // A reply entry whose forward entry was evicted still counts.
+        let mut reply_only = established.clone();
+        reply_only.retain(|_, e| e.flags & CT_F_REPLY != 0);
+        assert_eq!(count(&reply_only, 20 * s), 1);
+        let mut forward_only = established;
+        forward_only.retain(|_, e| e.flags & CT_F_REPLY == 0);
+        assert_eq!(count(&forward_only, 20 * s), 1);
+    }
+
+    #[test]
+    fn local_backends_with_flows_are_the_backends_of_flows_without_snat() {
+        let (k_local, local) = client_flow(IPPROTO_TCP, 10, 0);
+        let (_, remote) = client_flow(IPPROTO_TCP, 20, CT_F_SNAT);
+        let k_remote = CtKey::new(1, 1, 2, 2, IPPROTO_TCP);
+        // The reply entry of another local flow, its forward entry evicted.
+        let reply_key = CtKey::new(
+            u32::from_ne_bytes([10, 244, 1, 11]),
+            80u16.to_be(),
+            u32::from_ne_bytes([192, 0, 2, 100]),
+            40001u16.to_be(),
+            IPPROTO_TCP,
+        );
+        let reply = CtEntry {
+            flags: CT_F_REPLY,
+            ..Default::default()
+        };
+        let entries = BTreeMap::from([(k_local, local), (k_remote, remote), (reply_key, reply)]);
+        assert_eq!(
+            local_backends_with_flows(&entries),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 244, 1, 11)])
+        );
+    }
+
+    /// Called with the poll number on each look at the flows.
+    type PollHook = Box<dyn Fn(usize, &FakeDatapath)>;
+
+    /// A datapath whose flows and config change as a drain polls it.
+    struct FakeDatapath {
+        config: std::cell::Cell<Config>,
+        flows: std::cell::RefCell<BTreeMap<CtKey, CtEntry>>,
+        polls: std::cell::Cell<usize>,
+        on_poll: PollHook,
+    }
+
+    const NOW: u64 = 1_000 * 1_000_000_000;
+
+    impl FakeDatapath {
+        fn new(
+            flows: BTreeMap<CtKey, CtEntry>,
+            on_poll: impl Fn(usize, &FakeDatapath) + 'static,
+        ) -> Self {
+            FakeDatapath {
+                config: std::cell::Cell::new(Config::default()),
+                flows: std::cell::RefCell::new(flows),
+                polls: std::cell::Cell::new(0),
+                on_poll: Box::new(on_poll),
+            }
+        }
+    }
+
+    impl DrainTarget for FakeDatapath {
+        fn config(&self) -> Result<Config> {
+            Ok(self.config.get())
+        }
+        fn set_config(&mut self, config: Config) -> Result<()> {
+            self.config.set(config);
+            Ok(())
+        }
+        fn flows(&self) -> BTreeMap<CtKey, CtEntry> {
+            let n = self.polls.get() + 1;
+            self.polls.set(n);
+            (self.on_poll)(n, self);
+            self.flows.borrow().clone()
+        }
+        fn now_ns(&self) -> Result<u64> {
+            Ok(NOW)
+        }
+    }
+
+    fn established() -> BTreeMap<CtKey, CtEntry> {
+        pair(NOW, NOW, IPPROTO_TCP, CT_STATE_ESTABLISHED)
+    }
+
+    const POLL: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_drain_sets_the_flag_and_ends_when_the_last_tcp_flow_closes() {
+        let mut dp = FakeDatapath::new(established(), |n, dp| {
+            if n == 3 {
+                for e in dp.flows.borrow_mut().values_mut() {
+                    e.state = CT_STATE_FIN;
+                }
+            }
+        });
+        let outcome = drain_target(&mut dp, Duration::from_secs(10), POLL).unwrap();
+        assert!(
+            matches!(outcome, DrainOutcome::Drained { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(dp.polls.get(), 3);
+        let c = dp.config.get();
+        assert_eq!(c.flags, CONFIG_F_DRAINING, "flag set, and left set");
+        assert_eq!(
+            Config { flags: 0, ..c },
+            Config::default(),
+            "the rest of the config is kept"
+        );
+    }
+
+    #[test]
+    fn a_drain_does_not_wait_for_udp_or_closing_flows() {
+        let mut flows = pair(NOW, NOW, IPPROTO_UDP, CT_STATE_ESTABLISHED);
+        let mut fin = pair(NOW, NOW, IPPROTO_TCP, CT_STATE_FIN);
+        // Another tuple for the second flow.
+        fin = fin
+            .into_iter()
+            .map(|(mut k, e)| {
+                k.sport_be ^= 1;
+                k.dport_be ^= 1;
+                (k, e)
+            })
+            .collect();
+        flows.extend(fin);
+        let mut dp = FakeDatapath::new(flows, |_, _| {});
+        let outcome = drain_target(&mut dp, Duration::from_secs(10), POLL).unwrap();
+        assert!(
+            matches!(outcome, DrainOutcome::Drained { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(dp.polls.get(), 1);
+    }
+
+    #[test]
+    fn a_drain_gives_up_at_the_deadline_and_counts_the_open_flows() {
+        let mut dp = FakeDatapath::new(established(), |_, _| {});
+        let timeout = Duration::from_millis(30);
+        let started = Instant::now();
+        let outcome = drain_target(&mut dp, timeout, POLL).unwrap();
+        assert_eq!(outcome, DrainOutcome::DeadlinePassed { open: 1 });
+        assert!(started.elapsed() >= timeout);
+        // Zero: no wait at all, the open flows counted all the same.
+        let mut dp = FakeDatapath::new(established(), |_, _| {});
+        assert_eq!(
+            drain_target(&mut dp, Duration::ZERO, POLL).unwrap(),
+            DrainOutcome::DeadlinePassed { open: 1 }
+        );
+        assert_eq!(dp.polls.get(), 1);
+    }
+
+    #[test]
+    fn a_daemon_that_writes_its_config_cancels_the_drain() {
+        let mut dp = FakeDatapath::new(established(), |n, dp| {
+            if n == 2 {
+                dp.config.set(Config::default());
+            }
+        });
+        let outcome = drain_target(&mut dp, Duration::from_secs(10), POLL).unwrap();
+        assert_eq!(outcome, DrainOutcome::Cancelled);
+    }
+
+    #[test]
+    fn nothing_pinned_is_nothing_to_drain() {
+        let dir = std::env::temp_dir().join(format!("forwarder-drain-{}", std::process::id()));
+        assert_eq!(
+            drain(&dir, Duration::from_secs(1)).unwrap(),
+            DrainOutcome::NothingToDrain
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use aya::{
 };
 use forwarder_common::{
     map_names, BackendKey, BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CT_STATE_CLOSED,
-    CT_STATE_ESTABLISHED, CT_STATE_FIN, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER, IFACE_F_XDP_TX,
+    CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_SYN_RECV, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER,
+    IFACE_F_XDP_TX,
 };
 use serde::Serialize;
 
@@ -47,6 +48,8 @@ pub struct ServiceRow {
     pub backends: Vec<BackendRow>,
     /// Drop when empty (externalTrafficPolicy: Local).
     pub local_policy: bool,
+    /// sessionAffinity ClientIP timeout in seconds (0: no affinity).
+    pub affinity_timeout_seconds: u32,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -65,6 +68,7 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
             frontends: Vec::new(),
             backends: Vec::new(),
             local_policy: f.flags & forwarder_common::FRONTEND_F_DROP_IF_EMPTY != 0,
+            affinity_timeout_seconds: f.affinity_timeout_s,
             packets: 0,
             bytes: 0,
         });
@@ -136,6 +140,7 @@ pub fn conntrack(maps: &Maps) -> Result<Vec<FlowRow>> {
                 (_, CT_STATE_ESTABLISHED) => "replied",
                 (true, CT_STATE_FIN) => "fin",
                 (true, CT_STATE_CLOSED) => "closed",
+                (true, CT_STATE_SYN_RECV) => "syn_recv",
                 (true, _) => "syn",
                 (false, _) => "unreplied",
             },
@@ -247,6 +252,16 @@ pub fn map_fill(maps: &Maps, pin_dir: &Path) -> Result<Vec<MapFill>> {
             entries: maps.service_labels.keys().count(),
             capacity: capacity(map_names::SERVICE_LABELS),
         },
+        MapFill {
+            name: map_names::AFFINITY,
+            entries: maps.affinity.keys().count(),
+            capacity: capacity(map_names::AFFINITY),
+        },
+        MapFill {
+            name: map_names::BACKEND_MEMBERS,
+            entries: maps.backend_members.keys().count(),
+            capacity: capacity(map_names::BACKEND_MEMBERS),
+        },
     ])
 }
 
@@ -357,12 +372,24 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
         "SERVICE", "FRONTEND", "BACKEND", "PACKETS", "BYTES"
     );
     for r in rows {
+        let mut notes = Vec::new();
+        if r.local_policy {
+            notes.push("local policy".to_string());
+        }
+        if r.affinity_timeout_seconds != 0 {
+            notes.push(format!("affinity {} s", r.affinity_timeout_seconds));
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!("({})", notes.join(", "))
+        };
         let _ = writeln!(
             o,
             "{:<44} {:<24} {:<22} {:>10} {:>12}",
             r.service,
             r.frontends.join(","),
-            if r.local_policy { "(local policy)" } else { "" },
+            notes,
             r.packets,
             r.bytes
         );
@@ -419,4 +446,38 @@ pub fn open(pin_dir: &Path) -> Result<Maps> {
         );
     }
     Maps::open_pinned(pin_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(local_policy: bool, affinity_timeout_seconds: u32) -> ServiceRow {
+        ServiceRow {
+            service: "ns/web:http".into(),
+            frontends: vec!["192.0.2.1:30080/TCP".into()],
+            backends: vec![BackendRow {
+                backend: "10.244.1.5:8080".into(),
+                local: true,
+                packets: 1,
+                bytes: 60,
+            }],
+            local_policy,
+            affinity_timeout_seconds,
+            packets: 1,
+            bytes: 60,
+        }
+    }
+
+    #[test]
+    fn services_show_the_policy_and_the_affinity_timeout() {
+        let text = render_services(&[row(true, 10_800)]);
+        assert!(text.contains("(local policy, affinity 10800 s)"), "{text}");
+        let text = render_services(&[row(false, 60)]);
+        assert!(text.contains("(affinity 60 s)"), "{text}");
+        let text = render_services(&[row(false, 0)]);
+        assert!(!text.contains("affinity") && !text.contains("()"), "{text}");
+        let json = serde_json::to_value(row(false, 60)).unwrap();
+        assert_eq!(json["affinity_timeout_seconds"], 60);
+    }
 }

@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use forwarder::{
-    daemon::{self, RunArgs, SourceArg},
+    daemon::{self, ConntrackTimeouts, RunArgs, SourceArg},
     datapath::{self, OnExit, XdpModeArg, XdpTxArg},
     inspect,
     netdev::Ipv4Cidr,
@@ -70,10 +70,17 @@ enum Command {
         /// Capacity of the conntrack table (entries; a flow takes two).
         #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
-        /// On SIGTERM/SIGINT detach everything and remove the pins. By default
-        /// the datapath stays in place so restarts and upgrades drop nothing.
+        #[command(flatten)]
+        conntrack_timeouts: ConntrackTimeouts,
+        /// On SIGTERM/SIGINT drain (see --drain-timeout), then detach everything
+        /// and remove the pins. By default the datapath stays in place so
+        /// restarts and upgrades drop nothing.
         #[arg(long)]
         cleanup_on_exit: bool,
+        /// With --cleanup-on-exit: how long to wait for open TCP flows to end
+        /// before detaching (new flows go to kube-proxy meanwhile); 0: detach at once.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
         /// A number patched into the programs' read-only data (and recorded in
         /// new flows): loading another value is an upgrade to a different
         /// eBPF object, which restart tests use.
@@ -96,10 +103,15 @@ enum Command {
     Services(Inspect),
     /// Live flows: client, frontend, backend, source NAT, state, age.
     Conntrack(Inspect),
-    /// Detach every program and remove the pins: kube-proxy handles all traffic again.
+    /// Drain, then detach every program and remove the pins: kube-proxy handles all
+    /// traffic again. Draining sends new flows to kube-proxy and waits for open TCP
+    /// flows to end; a forwarder daemon that starts meanwhile cancels it.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
         pin_dir: PathBuf,
+        /// How long to wait for open TCP flows to end before detaching; 0: detach at once.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
         /// Then keep running until SIGTERM (as a DaemonSet's container).
         #[arg(long)]
         stay: bool,
@@ -136,6 +148,24 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let min = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
     let max = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
     Ok((min, max))
+}
+
+/// One line on what `uninstall` did, for whoever ran it.
+fn uninstall_summary(done: &datapath::Uninstalled) -> String {
+    use datapath::DrainOutcome;
+    let drain = match done.drain {
+        DrainOutcome::NothingToDrain => "nothing to drain".to_string(),
+        DrainOutcome::Drained { waited } => {
+            format!("drained in {:.1} s", waited.as_secs_f64())
+        }
+        DrainOutcome::DeadlinePassed { open } => {
+            format!("drain timeout passed with {open} TCP flows still open (cut)")
+        }
+        DrainOutcome::Cancelled => {
+            return "uninstall cancelled: a forwarder daemon started while draining and keeps the datapath".into()
+        }
+    };
+    format!("{drain}; detached {} program attachments", done.detached)
 }
 
 fn print_as<T: serde::Serialize>(
@@ -193,7 +223,9 @@ fn real_main(cli: Cli) -> Result<()> {
             pin_dir,
             snat_port_range,
             conntrack_entries,
+            conntrack_timeouts,
             cleanup_on_exit,
+            drain_timeout,
             datapath_generation,
             health_addr,
             metrics_addr,
@@ -222,33 +254,47 @@ fn real_main(cli: Cli) -> Result<()> {
                 pin_dir,
                 snat_port_range,
                 conntrack_entries,
+                conntrack_timeouts,
                 generation: datapath_generation,
                 health_addr,
                 metrics_addr,
                 health_timeout,
                 on_exit: if cleanup_on_exit {
-                    OnExit::Cleanup
+                    OnExit::Cleanup { drain_timeout }
                 } else {
                     OnExit::KeepForwarding
                 },
             }))
         }
-        Command::Uninstall { pin_dir, stay } => {
+        Command::Uninstall {
+            pin_dir,
+            drain_timeout,
+            stay,
+        } => {
             datapath::check_privileges()?;
-            datapath::uninstall(&pin_dir)?;
-            if stay {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let mut term = signal(SignalKind::terminate())?;
-                    let mut int = signal(SignalKind::interrupt())?;
-                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                    Ok::<_, anyhow::Error>(())
-                })?;
+            if !stay {
+                let done = datapath::uninstall(&pin_dir, drain_timeout)?;
+                println!("{}", uninstall_summary(&done));
+                return Ok(());
             }
-            Ok(())
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                // Handled from here on: a SIGTERM during the drain (the pod
+                // being deleted) lets the drain finish within the grace
+                // period, then ends the process.
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                let done = tokio::task::spawn_blocking(move || {
+                    datapath::uninstall(&pin_dir, drain_timeout)
+                })
+                .await??;
+                println!("{}", uninstall_summary(&done));
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                Ok::<_, anyhow::Error>(())
+            })
         }
         Command::Status(Inspect { pin_dir, output }) => {
             let maps = inspect::open(&pin_dir)?;

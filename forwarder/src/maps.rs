@@ -111,6 +111,10 @@ impl Maps {
             let (k, v) = item.context("reading BACKENDS")?;
             s.backends.insert(k, v);
         }
+        for item in self.backend_members.iter() {
+            let (k, v) = item.context("reading BACKEND_MEMBERS")?;
+            s.members.insert(k, v);
+        }
         for item in self.service_labels.iter() {
             let (k, v) = item.context("reading SERVICE_LABELS")?;
             s.labels.insert(k, v.as_str().to_string());
@@ -144,11 +148,16 @@ impl Maps {
                 Op::PutBackend(k, v) => self.backends.insert(k, v, 0).with_context(|| {
                     format!("writing backend {k:?} (is the BACKENDS map full?)")
                 })?,
+                Op::PutMember(k, v) => self.backend_members.insert(k, v, 0).with_context(|| {
+                    format!("writing backend membership {k:?} (is the BACKEND_MEMBERS map full?)")
+                })?,
                 Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0).with_context(|| {
                     format!("writing frontend {k:?} (is the FRONTENDS map full?)")
                 })?,
                 Op::DeleteFrontend(k) => ignore_missing(self.frontends.remove(k))
                     .with_context(|| format!("deleting frontend {k:?}"))?,
+                Op::DeleteMember(k) => ignore_missing(self.backend_members.remove(k))
+                    .with_context(|| format!("deleting backend membership {k:?}"))?,
                 Op::DeleteBackend(k) => ignore_missing(self.backends.remove(k))
                     .with_context(|| format!("deleting backend {k:?}"))?,
                 Op::ReleaseSlot(slot) => ignore_missing(self.service_labels.remove(slot))

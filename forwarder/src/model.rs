@@ -68,6 +68,9 @@ pub struct DesiredFrontend {
     pub no_snat: bool,
     /// Drop (rather than pass to the kernel) when there is no backend.
     pub drop_if_empty: bool,
+    /// sessionAffinity ClientIP: seconds a client stays on the backend of
+    /// its last new connection; 0 without affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl DesiredFrontend {

@@ -285,6 +285,20 @@ impl Collector for DatapathCollector {
                 rows,
             )?;
         }
+        if let Ok(passes) = maps.flow_pass_totals() {
+            family(
+                &mut encoder,
+                "forwarder_flow_packets_to_kernel",
+                "Packets of tracked flows handed to the kernel, by reason (netfilter sees them mid-flow)",
+                MetricType::Counter,
+                passes.iter().map(|(reason, n)| {
+                    (
+                        vec![("reason", reason.to_string())],
+                        ConstCounter::new(*n),
+                    )
+                }),
+            )?;
+        }
         if let Ok(fill) = inspect::map_fill(&maps, &self.pin_dir) {
             family(
                 &mut encoder,

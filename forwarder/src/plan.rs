@@ -1,15 +1,16 @@
 //! From the desired state and what the maps hold now to the ordered list of
 //! map writes that gets there. Pure: no kernel, tested on the host.
 //!
-//! Ordering is what keeps every packet consistent: a backend set is written
-//! in full before any frontend points at it, a frontend is switched in one
+//! Ordering is what keeps every packet consistent: a backend set (and, for
+//! frontends with session affinity, its membership entries) is written in
+//! full before any frontend points at it, a frontend is switched in one
 //! write, and old sets are deleted only after nothing points at them.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use forwarder_common::{
-    Backend, BackendKey, Frontend, FrontendKey, BACKEND_F_LOCAL, FRONTEND_F_DROP_IF_EMPTY,
-    FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_BACKEND_SLOTS, MAX_FRONTENDS,
-    MAX_STATS_SLOTS,
+    Backend, BackendKey, Frontend, FrontendKey, MemberKey, BACKEND_F_LOCAL,
+    FRONTEND_F_DROP_IF_EMPTY, FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND,
+    MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_STATS_SLOTS,
 };
 use thiserror::Error;
 
@@ -20,6 +21,9 @@ use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr};
 pub struct Snapshot {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub backends: BTreeMap<BackendKey, Backend>,
+    /// (set, backend) -> index in the set, for the sets of frontends with
+    /// session affinity (the datapath checks a remembered backend with it).
+    pub members: BTreeMap<MemberKey, u32>,
     /// Counter slot -> service port label.
     pub labels: BTreeMap<u32, String>,
 }
@@ -31,8 +35,10 @@ pub enum Op {
     /// A newly used per-backend counter slot: zero it.
     ClaimBackendSlot(u32),
     PutBackend(BackendKey, Backend),
+    PutMember(MemberKey, u32),
     PutFrontend(FrontendKey, Frontend),
     DeleteFrontend(FrontendKey),
+    DeleteMember(MemberKey),
     DeleteBackend(BackendKey),
     ReleaseSlot(u32),
 }
@@ -43,6 +49,8 @@ pub enum PlanError {
     TooManyFrontends(usize),
     #[error("{0} backend entries wanted, the backends map holds {MAX_BACKENDS}")]
     TooManyBackends(usize),
+    #[error("{0} backend membership entries wanted, the membership map holds {MAX_BACKENDS}")]
+    TooManyMembers(usize),
     #[error("{frontend} has {count} backends, at most {MAX_BACKENDS_PER_FRONTEND} are supported")]
     TooManyBackendsForFrontend {
         frontend: FrontendAddr,
@@ -69,6 +77,16 @@ pub fn backend_value(b: &DesiredBackend, stats_slot: u32) -> Backend {
         port_be: b.port.to_be(),
         flags: if b.local { BACKEND_F_LOCAL } else { 0 },
         stats_slot,
+    }
+}
+
+/// The membership key of `be` in backend set `backend_set`.
+pub fn member_key(backend_set: u32, be: &Backend) -> MemberKey {
+    MemberKey {
+        backend_set,
+        addr_be: be.addr_be,
+        port_be: be.port_be,
+        _pad: 0,
     }
 }
 
@@ -182,11 +200,13 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
         .keys()
         .map(|k| k.backend_set)
         .chain(current.frontends.values().map(|f| f.backend_set))
+        .chain(current.members.keys().map(|k| k.backend_set))
         .max()
         .unwrap_or(0)
         .wrapping_add(1)
         .max(1);
     let mut referenced: BTreeSet<u32> = BTreeSet::new();
+    let mut wanted_members: BTreeMap<MemberKey, u32> = BTreeMap::new();
     let mut backend_ops = Vec::new();
     let mut frontend_ops = Vec::new();
     for (addr, f) in &desired.frontends {
@@ -225,12 +245,21 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
         };
         if backend_set != 0 {
             referenced.insert(backend_set);
+            if f.affinity_timeout_s != 0 {
+                for (index, be) in content.iter().enumerate() {
+                    // A backend listed twice keeps its first index.
+                    wanted_members
+                        .entry(member_key(backend_set, be))
+                        .or_insert(index as u32);
+                }
+            }
         }
         let value = Frontend {
             backend_set,
             backend_count: content.len() as u32,
             stats_slot: slot_of[f.label().as_str()],
             flags: frontend_flags(f),
+            affinity_timeout_s: f.affinity_timeout_s,
             ..Frontend::default()
         };
         let key = frontend_key(addr);
@@ -244,8 +273,24 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
     if peak_entries > MAX_BACKENDS as usize {
         return Err(PlanError::TooManyBackends(peak_entries));
     }
+    // Membership of a set is complete before a frontend with affinity
+    // points at it (or gets its timeout); the same peak rule applies.
+    let member_ops: Vec<Op> = wanted_members
+        .iter()
+        .filter(|(k, v)| current.members.get(k) != Some(v))
+        .map(|(k, v)| Op::PutMember(*k, *v))
+        .collect();
+    let peak_members = current.members.len()
+        + wanted_members
+            .keys()
+            .filter(|k| !current.members.contains_key(k))
+            .count();
+    if peak_members > MAX_BACKENDS as usize {
+        return Err(PlanError::TooManyMembers(peak_members));
+    }
 
     ops.extend(backend_ops);
+    ops.extend(member_ops);
     ops.extend(frontend_ops);
     let wanted_keys: BTreeSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
     for key in current.frontends.keys() {
@@ -253,7 +298,13 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
             ops.push(Op::DeleteFrontend(*key));
         }
     }
-    // Anything not referenced now goes, including orphans of an interrupted run.
+    // Anything not referenced now goes, including orphans of an interrupted
+    // run; membership first, so it never names a missing backend.
+    for key in current.members.keys() {
+        if !wanted_members.contains_key(key) {
+            ops.push(Op::DeleteMember(*key));
+        }
+    }
     for key in current.backends.keys() {
         if !referenced.contains(&key.backend_set) {
             ops.push(Op::DeleteBackend(*key));
@@ -279,11 +330,17 @@ pub fn apply_to_snapshot(current: &Snapshot, ops: &[Op]) -> Snapshot {
             Op::PutBackend(k, v) => {
                 s.backends.insert(*k, *v);
             }
+            Op::PutMember(k, v) => {
+                s.members.insert(*k, *v);
+            }
             Op::PutFrontend(k, v) => {
                 s.frontends.insert(*k, *v);
             }
             Op::DeleteFrontend(k) => {
                 s.frontends.remove(k);
+            }
+            Op::DeleteMember(k) => {
+                s.members.remove(k);
             }
             Op::DeleteBackend(k) => {
                 s.backends.remove(k);
@@ -326,6 +383,7 @@ mod tests {
             backends,
             no_snat: false,
             drop_if_empty: false,
+            affinity_timeout_s: 0,
         }
     }
 
@@ -417,6 +475,7 @@ mod tests {
         );
         let d2 = desired(vec![(a, fe("ns/gw", vec![be(11, false)]))]);
         let ops = plan(&d2, &s1).unwrap();
+        assert_consistent_throughout(&s1, &ops);
         // No write touches the set the frontend still points at until it is switched.
         let old_set = s1.frontends[&frontend_key(&a)].backend_set;
         let switch = ops
@@ -558,5 +617,208 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, PlanError::TooManyBackendsForFrontend { .. }));
+    }
+
+    /// What a packet can see between any two writes of `ops`: every
+    /// frontend resolves to a complete set, and one with affinity finds
+    /// each backend of its set in the membership, at its index.
+    fn assert_consistent_throughout(current: &Snapshot, ops: &[Op]) {
+        let mut s = current.clone();
+        for (i, op) in ops.iter().enumerate() {
+            s = apply_to_snapshot(&s, std::slice::from_ref(op));
+            for (k, f) in &s.frontends {
+                for index in 0..f.backend_count {
+                    let key = BackendKey {
+                        backend_set: f.backend_set,
+                        index,
+                    };
+                    let b = s.backends.get(&key).unwrap_or_else(|| {
+                        panic!("after write {i} ({op:?}): frontend {k:?} lacks {key:?}")
+                    });
+                    if f.affinity_timeout_s != 0 {
+                        assert_eq!(
+                            s.members.get(&member_key(f.backend_set, b)),
+                            Some(&index),
+                            "after write {i} ({op:?}): frontend {k:?}, backend {index}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn with_affinity(mut f: DesiredFrontend, timeout: u32) -> DesiredFrontend {
+        f.affinity_timeout_s = timeout;
+        f
+    }
+
+    /// Plans `d` onto `s`, checking the writes' order, and returns the result.
+    fn program(d: &Desired, s: &Snapshot) -> (Vec<Op>, Snapshot) {
+        let ops = plan(d, s).unwrap();
+        assert_consistent_throughout(s, &ops);
+        let after = apply_to_snapshot(s, &ops);
+        assert_eq!(plan(d, &after).unwrap(), vec![], "replanning is a no-op");
+        (ops, after)
+    }
+
+    fn position(ops: &[Op], want: impl Fn(&Op) -> bool) -> Vec<usize> {
+        ops.iter()
+            .enumerate()
+            .filter(|(_, o)| want(o))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn affinity_frontends_carry_their_timeout_and_their_set_membership() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let b = fa([192, 0, 2, 1], 31390);
+        let d = desired(vec![
+            (
+                a,
+                with_affinity(fe("ns/gw", vec![be(10, true), be(11, false)]), 10_800),
+            ),
+            (b, fe("ns/plain", vec![be(12, false)])),
+        ]);
+        let (ops, s) = program(&d, &Snapshot::default());
+        let fa_ = s.frontends[&frontend_key(&a)];
+        assert_eq!(fa_.affinity_timeout_s, 10_800);
+        assert_eq!(s.frontends[&frontend_key(&b)].affinity_timeout_s, 0);
+        // Exactly the affinity frontend's set, by address and port as the
+        // backends map holds them.
+        let set = fa_.backend_set;
+        let want: BTreeMap<MemberKey, u32> = BTreeMap::from([
+            (
+                MemberKey {
+                    backend_set: set,
+                    addr_be: u32::from_ne_bytes([10, 244, 1, 10]),
+                    port_be: 80u16.to_be(),
+                    _pad: 0,
+                },
+                0,
+            ),
+            (
+                MemberKey {
+                    backend_set: set,
+                    addr_be: u32::from_ne_bytes([10, 244, 1, 11]),
+                    port_be: 80u16.to_be(),
+                    _pad: 0,
+                },
+                1,
+            ),
+        ]);
+        assert_eq!(s.members, want);
+        let members = position(&ops, |o| matches!(o, Op::PutMember(..)));
+        let backends = position(&ops, |o| matches!(o, Op::PutBackend(..)));
+        let frontends = position(&ops, |o| matches!(o, Op::PutFrontend(..)));
+        assert!(backends.iter().max() < members.iter().min(), "{ops:?}");
+        assert!(members.iter().max() < frontends.iter().min(), "{ops:?}");
+    }
+
+    #[test]
+    fn membership_follows_a_changing_set_and_goes_with_it() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let v1 = desired(vec![(
+            a,
+            with_affinity(fe("ns/gw", vec![be(10, true), be(11, false)]), 60),
+        )]);
+        let (_, s1) = program(&v1, &Snapshot::default());
+        let old_set = s1.frontends[&frontend_key(&a)].backend_set;
+        // .10 leaves, .12 joins: a new set, with its own membership.
+        let v2 = desired(vec![(
+            a,
+            with_affinity(fe("ns/gw", vec![be(11, false), be(12, false)]), 60),
+        )]);
+        let (ops, s2) = program(&v2, &s1);
+        let new_set = s2.frontends[&frontend_key(&a)].backend_set;
+        assert_ne!(new_set, old_set);
+        let switch = position(&ops, |o| matches!(o, Op::PutFrontend(..)))[0];
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::DeleteMember(k) = op {
+                assert_eq!(k.backend_set, old_set);
+                assert!(
+                    i > switch,
+                    "old membership deleted after the switch: {ops:?}"
+                );
+            }
+        }
+        assert_eq!(s2.members.len(), 2);
+        assert!(s2.members.keys().all(|k| k.backend_set == new_set));
+        let gone = apply_to_snapshot(&s2, &plan(&Desired::default(), &s2).unwrap());
+        assert_eq!(gone, Snapshot::default(), "nothing left behind");
+    }
+
+    #[test]
+    fn turning_affinity_on_and_off_keeps_the_set_and_adds_or_removes_its_membership() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let backends = vec![be(10, true), be(11, false)];
+        let off = desired(vec![(a, fe("ns/gw", backends.clone()))]);
+        let on = desired(vec![(a, with_affinity(fe("ns/gw", backends), 30))]);
+        let (_, s_off) = program(&off, &Snapshot::default());
+        assert!(s_off.members.is_empty(), "no affinity, no membership");
+        let (ops, s_on) = program(&on, &s_off);
+        // The set is kept: only membership and the frontend are written.
+        assert!(
+            ops.iter()
+                .all(|o| matches!(o, Op::PutMember(..) | Op::PutFrontend(..))),
+            "{ops:?}"
+        );
+        assert!(matches!(ops.last(), Some(Op::PutFrontend(..))), "{ops:?}");
+        assert_eq!(s_on.members.len(), 2);
+        let (ops, s_back) = program(&off, &s_on);
+        assert!(matches!(ops.first(), Some(Op::PutFrontend(..))), "{ops:?}");
+        assert_eq!(s_back, s_off);
+    }
+
+    #[test]
+    fn a_set_shared_with_a_frontend_without_affinity_gets_one_membership() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let b = fa([203, 0, 113, 1], 80);
+        let backends = vec![be(10, true), be(11, false)];
+        let d = desired(vec![
+            (a, with_affinity(fe("ns/gw", backends.clone()), 30)),
+            (b, fe("ns/other", backends)),
+        ]);
+        let (_, s) = program(&d, &Snapshot::default());
+        assert_eq!(
+            s.frontends[&frontend_key(&a)].backend_set,
+            s.frontends[&frontend_key(&b)].backend_set
+        );
+        assert_eq!(s.members.len(), 2);
+    }
+
+    #[test]
+    fn orphaned_membership_is_removed_and_new_sets_avoid_its_ids() {
+        let mut s = Snapshot::default();
+        let orphan = MemberKey {
+            backend_set: 9,
+            addr_be: u32::from_ne_bytes([10, 244, 1, 99]),
+            port_be: 80u16.to_be(),
+            _pad: 0,
+        };
+        s.members.insert(orphan, 3);
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(
+            a,
+            with_affinity(fe("ns/gw", vec![be(10, true)]), 30),
+        )]);
+        let (_, after) = program(&d, &s);
+        assert!(!after.members.contains_key(&orphan));
+        assert!(after.frontends[&frontend_key(&a)].backend_set > 9);
+        assert_eq!(after.members.len(), 1);
+    }
+
+    #[test]
+    fn a_wrong_membership_index_is_rewritten() {
+        let a = fa([192, 0, 2, 1], 31380);
+        let d = desired(vec![(
+            a,
+            with_affinity(fe("ns/gw", vec![be(10, true), be(11, false)]), 30),
+        )]);
+        let (_, mut s) = program(&d, &Snapshot::default());
+        // The first key is .10's, index 0.
+        let k = *s.members.keys().next().unwrap();
+        s.members.insert(k, 7);
+        assert_eq!(plan(&d, &s).unwrap(), vec![Op::PutMember(k, 0)]);
     }
 }

@@ -20,6 +20,9 @@ pub struct ServiceStats {
 #[derive(Debug, Serialize)]
 pub struct Stats {
     pub reasons: BTreeMap<&'static str, u64>,
+    /// Packets of tracked flows handed to the kernel, by reason (non-zero
+    /// only): netfilter saw each in the middle of a flow it never saw begin.
+    pub flow_packets_to_kernel: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceStats>,
     pub conntrack_entries: usize,
 }
@@ -37,6 +40,7 @@ pub fn collect(maps: &Maps) -> Result<Stats> {
         .collect();
     Ok(Stats {
         reasons: maps.reason_totals()?,
+        flow_packets_to_kernel: maps.flow_pass_totals()?,
         services,
         conntrack_entries: maps.conntrack.keys().filter(|k| k.is_ok()).count(),
     })
@@ -65,6 +69,18 @@ pub fn render_text(s: &Stats) -> String {
             let _ = writeln!(out, "  {:<24} {:>10}  {}", r.name(), n, r.description());
         }
     }
+    let _ = writeln!(
+        out,
+        "Packets of tracked flows handed to the kernel (non-zero)"
+    );
+    if s.flow_packets_to_kernel.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for r in Reason::ALL {
+        if let Some(n) = s.flow_packets_to_kernel.get(r.name()) {
+            let _ = writeln!(out, "  {:<24} {:>10}  {}", r.name(), n, r.description());
+        }
+    }
     let _ = writeln!(out, "Conntrack entries: {}", s.conntrack_entries);
     out
 }
@@ -78,4 +94,38 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
         print!("{}", render_text(&stats));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_lists_non_zero_decisions_and_flow_packets_to_the_kernel() {
+        let s = Stats {
+            reasons: BTreeMap::from([("xdp_tx", 7), ("pass_no_service", 0)]),
+            flow_packets_to_kernel: BTreeMap::from([("pass_wrong_device", 3)]),
+            services: Vec::new(),
+            conntrack_entries: 4,
+        };
+        let text = render_text(&s);
+        assert!(text.contains("xdp_tx"), "{text}");
+        assert!(!text.contains("pass_no_service"), "{text}");
+        let (_, flows) = text
+            .split_once("Packets of tracked flows handed to the kernel")
+            .expect("flow section");
+        assert!(
+            flows.contains("pass_wrong_device") && flows.contains(" 3 "),
+            "{text}"
+        );
+        assert!(text.contains("Conntrack entries: 4"), "{text}");
+        let none = render_text(&Stats {
+            flow_packets_to_kernel: BTreeMap::new(),
+            ..s
+        });
+        assert!(
+            none.contains("handed to the kernel (non-zero)\n  (none)"),
+            "{none}"
+        );
+    }
 }

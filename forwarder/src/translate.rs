@@ -11,7 +11,10 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, NodeContext, Protocol};
 
@@ -21,7 +24,8 @@ pub const ACCELERATE_ANNOTATION: &str = "forwarder.dev/accelerate";
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Which NodePort/LoadBalancer Services are candidates for acceleration.
+/// Which externally reachable Services (NodePort, LoadBalancer, any with
+/// externalIPs) are candidates for acceleration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ServiceSelection {
     /// All of them, except those annotated `forwarder.dev/accelerate: "false"`.
@@ -38,8 +42,9 @@ pub struct Translation {
     /// Services (or parts of them) that qualify but are not accelerated,
     /// with the reason; one Service may appear several times.
     pub skipped: Vec<Skipped>,
-    /// Services that are not candidates at all (ClusterIP, ExternalName,
-    /// headless, not opted in): normal, so counted rather than listed.
+    /// Services that are not candidates at all (ClusterIP without
+    /// externalIPs, ExternalName, headless, not opted in): normal, so
+    /// counted rather than listed.
     pub ignored_services: usize,
 }
 
@@ -148,17 +153,26 @@ fn translate_service(
         out.ignored_services += 1;
         return;
     };
-    let is_load_balancer = match spec.type_.as_deref() {
-        Some("NodePort") => false,
-        Some("LoadBalancer") => true,
-        // ClusterIP (also the default), ExternalName, anything unknown.
+    let has_external_ips = spec
+        .external_ips
+        .as_ref()
+        .is_some_and(|ips| !ips.is_empty());
+    // kube-proxy serves nodePorts and LoadBalancer IPs by type, and
+    // externalIPs on every type that has a cluster IP (its
+    // `ExternallyAccessible`), ClusterIP included.
+    let kind = match spec.type_.as_deref() {
+        Some("NodePort") => ServiceKind::NodePort,
+        Some("LoadBalancer") => ServiceKind::LoadBalancer,
+        // The API's default type.
+        None | Some("ClusterIP") if has_external_ips => ServiceKind::ClusterIp,
+        // ClusterIP without externalIPs, ExternalName, anything unknown.
         _ => {
             out.ignored_services += 1;
             return;
         }
     };
     if spec.cluster_ip.as_deref() == Some("None") {
-        // Headless: the API forbids this for NodePort/LoadBalancer; be safe.
+        // Headless: kube-proxy skips it whatever it lists.
         out.ignored_services += 1;
         return;
     }
@@ -195,7 +209,18 @@ fn translate_service(
         }
     }
 
+    let affinity_timeout_s = match session_affinity_timeout(spec) {
+        Ok(t) => t,
+        Err(reason) => {
+            out.skip(key, format!("{reason}; left to kube-proxy"));
+            return;
+        }
+    };
+    // kube-proxy's `ExternalPolicyLocal`: the policy applies to every
+    // externally accessible Service, a ClusterIP one with externalIPs too
+    // (the API accepts it there since it defaults it there).
     let local_policy = spec.external_traffic_policy.as_deref() == Some("Local");
+    let is_load_balancer = kind == ServiceKind::LoadBalancer;
     let load_balancer_ips = if is_load_balancer {
         load_balancer_ips(key, service, out)
     } else {
@@ -225,7 +250,9 @@ fn translate_service(
         };
 
         let mut frontends: Vec<FrontendAddr> = Vec::new();
-        match port.node_port {
+        // A ClusterIP Service has no nodePorts (the API refuses them).
+        let node_port = port.node_port.filter(|_| kind != ServiceKind::ClusterIp);
+        match node_port {
             Some(node_port) => match valid_port(node_port) {
                 Some(node_port) => {
                     frontends.extend(node.node_addresses.iter().map(|&addr| FrontendAddr {
@@ -237,7 +264,9 @@ fn translate_service(
                 None => out.skip(key, format!("{label}: invalid nodePort {node_port}")),
             },
             // With allocateLoadBalancerNodePorts: false this is normal.
-            None if !is_load_balancer => out.skip(key, format!("{label}: no nodePort allocated")),
+            None if kind == ServiceKind::NodePort => {
+                out.skip(key, format!("{label}: no nodePort allocated"))
+            }
             None => {}
         }
         if !load_balancer_ips.is_empty() || !external_ips.is_empty() {
@@ -304,10 +333,53 @@ fn translate_service(
                         backends: choice.backends.clone(),
                         no_snat: local_policy,
                         drop_if_empty: local_policy,
+                        affinity_timeout_s,
                     },
                 );
             }
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceKind {
+    NodePort,
+    LoadBalancer,
+    /// Only its externalIPs are served outside the cluster.
+    ClusterIp,
+}
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (the API's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest timeout the API accepts (`MaxClientIPServiceAffinitySeconds`).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The Service's sessionAffinity as a timeout (0: none), or why it cannot
+/// be done as kube-proxy would do it.
+fn session_affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(0),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => u32::try_from(t)
+                    .ok()
+                    .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+                    .ok_or_else(|| {
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
+                        )
+                    }),
+            }
+        }
+        Some(other) => Err(format!(
+            "sessionAffinity {other:?} is neither \"ClientIP\" nor \"None\""
+        )),
     }
 }
 
@@ -673,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn only_nodeport_and_loadbalancer_services_are_taken() {
+    fn only_externally_reachable_services_are_taken() {
         let yaml = web("ClusterIP")
             + &service(
                 "default/ext",
@@ -1328,5 +1400,141 @@ mod tests {
             "{:?}",
             t.skipped
         );
+    }
+
+    #[test]
+    fn cluster_ip_service_external_ips_are_served_on_the_service_port() {
+        for service_type in ["type: ClusterIP, ", ""] {
+            // A nodePort on a ClusterIP Service is invalid (the API refuses
+            // it): not served.
+            let yaml = service(
+                "default/web",
+                &format!(
+                    "spec: {{{service_type}clusterIP: 10.96.0.10, externalIPs: [203.0.113.9, '2001:db8::9'], ports: {WEB_PORT}}}"
+                ),
+            ) + &slice("default/web", "web-1", WEB_SLICE_PORTS, TWO_READY);
+            let t = run(&yaml);
+            assert_eq!(
+                frontend_keys(&t),
+                [fe("203.0.113.9", 80, Protocol::Tcp)],
+                "{service_type:?}"
+            );
+            let f = &t.desired.frontends[&fe("203.0.113.9", 80, Protocol::Tcp)];
+            assert_eq!(
+                f.backends,
+                [be("10.0.1.1", 8080, true), be("10.0.2.1", 8080, false)]
+            );
+            assert!(!f.no_snat && !f.drop_if_empty, "Cluster policy");
+            assert_eq!(f.label(), "default/web:http");
+            assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+            assert_eq!(t.ignored_services, 0);
+        }
+    }
+
+    #[test]
+    fn external_ips_of_headless_and_external_name_services_are_not_served() {
+        let yaml = service(
+            "default/headless",
+            "spec: {clusterIP: None, externalIPs: [203.0.113.9], ports: [{name: http, port: 80}]}",
+        ) + &slice("default/headless", "h-1", WEB_SLICE_PORTS, TWO_READY)
+            + &service(
+                "default/ext",
+                "spec: {type: ExternalName, externalName: example.com, externalIPs: [203.0.113.10], ports: [{name: http, port: 80}]}",
+            )
+            + &slice("default/ext", "e-1", WEB_SLICE_PORTS, TWO_READY);
+        let t = run(&yaml);
+        assert!(t.desired.frontends.is_empty(), "{:?}", t.desired);
+        assert_eq!(t.ignored_services, 2);
+    }
+
+    #[test]
+    fn local_policy_applies_to_a_cluster_ip_service_external_ips() {
+        // kube-proxy's ExternalPolicyLocal: externally accessible (a
+        // ClusterIP Service with externalIPs is) and Local.
+        let yaml = service(
+            "default/web",
+            &format!(
+                "spec: {{type: ClusterIP, externalTrafficPolicy: Local, externalIPs: [203.0.113.9], ports: {WEB_PORT}}}"
+            ),
+        ) + &slice("default/web", "web-1", WEB_SLICE_PORTS, TWO_READY);
+        let t = run(&yaml);
+        let f = &t.desired.frontends[&fe("203.0.113.9", 80, Protocol::Tcp)];
+        assert_eq!(f.backends, [be("10.0.1.1", 8080, true)]);
+        assert!(f.no_snat && f.drop_if_empty);
+    }
+
+    fn with_affinity(affinity: &str) -> Translation {
+        let yaml = service(
+            "default/web",
+            &format!(
+                "spec: {{type: LoadBalancer, {affinity}externalIPs: [203.0.113.9], ports: {WEB_PORT}}}\n\
+                 status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.1}}]}}}}"
+            ),
+        ) + &slice("default/web", "web-1", WEB_SLICE_PORTS, TWO_READY);
+        run(&yaml)
+    }
+
+    #[test]
+    fn session_affinity_client_ip_carries_its_timeout_on_every_frontend() {
+        for (affinity, want) in [
+            ("", 0),
+            ("sessionAffinity: None, ", 0),
+            ("sessionAffinity: ClientIP, ", DEFAULT_AFFINITY_TIMEOUT_S),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {}}, ",
+                DEFAULT_AFFINITY_TIMEOUT_S,
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ",
+                60,
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}, ",
+                86_400,
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}, ",
+                1,
+            ),
+        ] {
+            let t = with_affinity(affinity);
+            assert_eq!(t.desired.frontends.len(), 3, "{affinity}");
+            for (addr, f) in &t.desired.frontends {
+                assert_eq!(f.affinity_timeout_s, want, "{affinity} {addr}");
+            }
+            assert!(t.skipped.is_empty(), "{affinity}: {:?}", t.skipped);
+        }
+    }
+
+    #[test]
+    fn invalid_session_affinity_leaves_the_service_to_kube_proxy() {
+        for (affinity, needle) in [
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ",
+                "timeoutSeconds 0 is outside 1..=86400",
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ",
+                "timeoutSeconds 86401 is outside",
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: -5}}, ",
+                "timeoutSeconds -5 is outside",
+            ),
+            (
+                "sessionAffinity: Cookie, ",
+                "sessionAffinity \"Cookie\" is neither",
+            ),
+        ] {
+            let t = with_affinity(affinity);
+            assert!(t.desired.frontends.is_empty(), "{affinity}: {:?}", t.desired);
+            assert!(has_skip(&t, "default/web", needle), "{:?}", t.skipped);
+            assert!(
+                has_skip(&t, "default/web", "left to kube-proxy"),
+                "{:?}",
+                t.skipped
+            );
+            assert_eq!(t.skipped.len(), 1, "one reason per Service: {:?}", t.skipped);
+        }
     }
 }

@@ -474,6 +474,18 @@ fn the_off_switch_uninstalls_where_the_forwarder_is_turned_off() {
         on_flags.get("pin-dir"),
         "both use the same pin dir"
     );
+    // The drain fits the grace period, with time left to detach.
+    let drain = f
+        .get("drain-timeout")
+        .and_then(|v| humantime::parse_duration(v).ok())
+        .unwrap_or_else(|| panic!("the off switch sets --drain-timeout: {args:?}"));
+    let grace = pod_spec(off)
+        .termination_grace_period_seconds
+        .expect("the off switch sets terminationGracePeriodSeconds");
+    assert!(
+        drain.as_secs() + 10 <= grace as u64,
+        "--drain-timeout {drain:?} does not fit terminationGracePeriodSeconds {grace}"
+    );
     assert_binary_accepts(&args);
 }
 

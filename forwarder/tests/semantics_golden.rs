@@ -19,7 +19,7 @@ use std::{
 use forwarder::{
     manifest,
     model::{NodeContext, Protocol},
-    plan::{self, Snapshot},
+    plan::{self, member_key, Snapshot},
     translate::{translate_with, ServiceSelection},
 };
 use forwarder_common::{BackendKey, BACKEND_F_LOCAL, FRONTEND_F_DROP_IF_EMPTY, FRONTEND_F_NO_SNAT};
@@ -70,6 +70,8 @@ const CASES: &[Case] = &[
         ..case("annotated-selection")
     },
     case("ignored-service-types"),
+    case("cluster-ip-external-ips"),
+    case("session-affinity"),
     case("istio-ingressgateway"),
 ];
 
@@ -124,10 +126,13 @@ pub fn render(maps: &Snapshot) -> String {
             .unwrap_or("<no counter label>");
         let mut flags = Vec::new();
         if fe.flags & FRONTEND_F_NO_SNAT != 0 {
-            flags.push("no-snat");
+            flags.push("no-snat".to_owned());
         }
         if fe.flags & FRONTEND_F_DROP_IF_EMPTY != 0 {
-            flags.push("drop-if-empty");
+            flags.push("drop-if-empty".to_owned());
+        }
+        if fe.affinity_timeout_s != 0 {
+            flags.push(format!("affinity {}s", fe.affinity_timeout_s));
         }
         let backends: Vec<String> = (0..fe.backend_count)
             .map(|index| {
@@ -142,7 +147,15 @@ pub fn render(maps: &Snapshot) -> String {
                         } else {
                             ""
                         };
-                        format!("{a}:{}{local}", u16::from_be(b.port_be))
+                        // The datapath finds a remembered backend through
+                        // the membership: show where it would not.
+                        let member = maps.members.get(&member_key(fe.backend_set, b));
+                        let unlisted = if fe.affinity_timeout_s != 0 && member != Some(&index) {
+                            " <not in the membership>"
+                        } else {
+                            ""
+                        };
+                        format!("{a}:{}{local}{unlisted}", u16::from_be(b.port_be))
                     }
                     None => format!("<missing backend {}/{index}>", fe.backend_set),
                 }
@@ -175,10 +188,11 @@ pub fn render(maps: &Snapshot) -> String {
     }
     let _ = writeln!(
         out,
-        "-- {} frontends, {} backend entries in {} sets, {} counter labels",
+        "-- {} frontends, {} backend entries in {} sets, {} membership entries, {} counter labels",
         maps.frontends.len(),
         maps.backends.len(),
         referenced.iter().filter(|&&s| s != 0).count(),
+        maps.members.len(),
         maps.labels.len()
     );
     out
@@ -281,7 +295,7 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node1}]
         "\
 192.0.2.1:30000/TCP n/s:p [no-snat, drop-if-empty] -> 10.0.0.1:8080 (local)
 198.51.100.7:30000/TCP n/s:p [no-snat, drop-if-empty] -> 10.0.0.1:8080 (local)
--- 2 frontends, 1 backend entries in 1 sets, 1 counter labels
+-- 2 frontends, 1 backend entries in 1 sets, 0 membership entries, 1 counter labels
 "
     );
 }

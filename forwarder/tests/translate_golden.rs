@@ -110,6 +110,8 @@ fn expected(node1_local: bool, node2_local: bool) -> Desired {
             ],
             no_snat: false,
             drop_if_empty: false,
+            // The example says sessionAffinity: None.
+            affinity_timeout_s: 0,
         };
         frontends.insert(tcp(NODE_ADDR, node_port), frontend.clone());
         frontends.insert(tcp(LB_ADDR, port), frontend);
