@@ -80,6 +80,7 @@ fn frontend(
             backends,
             no_snat: false,
             drop_if_empty: false,
+            affinity_timeout_s: 0,
         },
     )
 }

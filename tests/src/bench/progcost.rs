@@ -160,6 +160,7 @@ fn measured(port: u16, backend: Ipv4Addr, local: bool) -> (FrontendAddr, Desired
             }],
             no_snat: false,
             drop_if_empty: false,
+            affinity_timeout_s: 0,
         },
     )
 }
