@@ -23,7 +23,7 @@ use crate::{
     model::{Desired, NodeContext},
     netdev::Ipv4Cidr,
     observe::{self, DaemonMetrics, Health},
-    plan,
+    plan, skips,
     source::{self, ObjectSet},
     translate::{self, ServiceSelection},
 };
@@ -152,6 +152,7 @@ struct State {
     generation: Option<u64>,
     addresses: Vec<Ipv4Addr>,
     desired: Desired,
+    skips: skips::SkipLog,
 }
 
 async fn serve(
@@ -199,6 +200,7 @@ async fn serve(
         metrics.source_problems.set(set.problems.len() as i64);
         let started = Instant::now();
         let result = reconcile(dp, args, &mut state, &set);
+        skips::set_gauges(&metrics.services_skipped, state.skips.counts());
         // Programs go on the external devices (or replace the adopted ones)
         // only once the maps hold the desired state. Failing that is fatal:
         // it is a problem of this node (a foreign XDP program, a device
@@ -296,9 +298,7 @@ fn reconcile(
         };
         let t =
             translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
-        for s in &t.skipped {
-            info!("not accelerated: {s}");
-        }
+        state.skips.update(&t.skipped);
         let current = dp.maps.snapshot()?;
         let ops = plan::plan(&t.desired, &current)?;
         dp.maps.apply(&ops)?;
