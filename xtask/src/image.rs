@@ -84,11 +84,24 @@ pub struct Built {
 
 /// `cargo xtask image`: builds the static binary, then writes the archive.
 pub fn image(paths: &Paths, options: &ImageOptions) -> Result<Built> {
+    let tag = options
+        .tag
+        .clone()
+        .unwrap_or_else(|| paths.forwarder_version.clone());
+    let out = options
+        .out
+        .clone()
+        .unwrap_or_else(|| default_archive(&paths.target, &tag));
+    validate_reference(&options.name, &tag)?;
+    // A failed build must not leave an older image for the tests to check.
+    match fs::remove_file(&out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the old {}", out.display())),
+    }
     ensure_musl_target()?;
     let binary = build_static_binary(paths)?;
     let version = paths.forwarder_version.clone();
-    let tag = options.tag.clone().unwrap_or_else(|| version.clone());
-    validate_reference(&options.name, &tag)?;
     let meta = ImageMeta {
         reference: format!("{}:{tag}", options.name),
         version,
@@ -99,10 +112,6 @@ pub fn image(paths: &Paths, options: &ImageOptions) -> Result<Built> {
             None => source_url(&paths.workspace),
         },
     };
-    let out = options
-        .out
-        .clone()
-        .unwrap_or_else(|| default_archive(&paths.target, &tag));
     let bytes = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
     check_static(&bytes).with_context(|| format!("{} is not a static binary", binary.display()))?;
     let archive = oci_archive(&bytes, &meta)?;
