@@ -401,6 +401,12 @@ const PACKAGES: &[Package] = &[
         binary: "umoci",
         optional: false,
     },
+    // forwarder/tests/deploy.rs renders deploy/ with `kubectl kustomize`.
+    Package {
+        name: "kubectl",
+        binary: "kubectl",
+        optional: false,
+    },
     Package {
         name: "tcpdump",
         binary: "tcpdump",
