@@ -23,7 +23,7 @@ use crate::{
     model::{Desired, NodeContext},
     netdev::{self, Ipv4Cidr},
     observe::{self, DaemonMetrics, Health},
-    plan,
+    plan, skips,
     source::{self, ObjectSet},
     translate::{self, ServiceSelection},
 };
@@ -258,6 +258,7 @@ struct State {
     /// a pod that left every backend set keeps its device's tc program
     /// while its flows last, or their replies would meet netfilter mid-flow.
     flow_local_backends: BTreeSet<Ipv4Addr>,
+    skips: skips::SkipLog,
 }
 
 async fn serve(
@@ -309,6 +310,7 @@ async fn serve(
         metrics.source_problems.set(set.problems.len() as i64);
         let started = Instant::now();
         let result = reconcile(dp, args, &mut state, &set);
+        skips::set_gauges(&metrics.services_skipped, state.skips.counts());
         // Programs go on the external devices (or replace the adopted ones)
         // only once the maps hold the desired state. Failing that is fatal:
         // it is a problem of this node (a foreign XDP program, a device
@@ -410,9 +412,7 @@ fn reconcile(
         };
         let t =
             translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
-        for s in &t.skipped {
-            info!("not accelerated: {s}");
-        }
+        state.skips.update(&t.skipped);
         let current = dp.maps.snapshot()?;
         let ops = plan::plan(&t.desired, &current)?;
         dp.maps.apply(&ops)?;

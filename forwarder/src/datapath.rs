@@ -131,7 +131,8 @@ pub struct Datapath {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+// nix's constant has the C library's f_type width (i64 on glibc, u64 on musl).
+use nix::sys::statfs::BPF_FS_MAGIC;
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one if needed.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
@@ -142,7 +143,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
             .ok_or_else(|| anyhow!("{} has no existing parent", pin_dir.display()))?;
     }
     let on_bpffs =
-        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     if !on_bpffs(existing) {
         let sys_bpf = Path::new("/sys/fs/bpf");
         let target = if pin_dir.starts_with(sys_bpf) {

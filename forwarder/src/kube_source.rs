@@ -1,9 +1,9 @@
 //! Services and EndpointSlices from the Kubernetes API (`forwarder run`
 //! without `--manifests`).
 //!
-//! Two kube-runtime watchers (core/v1 Service, discovery.k8s.io/v1
-//! EndpointSlice, cluster-wide, with kube-proxy's label selector) feed two
-//! reflector stores. Once both initial lists are complete the stores are
+//! Two list-watches (core/v1 Service, discovery.k8s.io/v1 EndpointSlice,
+//! cluster-wide, with kube-proxy's label selector; client-go's reflector
+//! semantics on kube-rs's `Api`) feed two kube-runtime reflector stores. Once both initial lists are complete the stores are
 //! published as an [`ObjectSet`] on the same channel the manifest source
 //! uses, so both sources go through the very same translation.
 //!
@@ -13,15 +13,25 @@
 //!   [`WatchOptions::debounce`] later, so a burst of events becomes one or a
 //!   few publications (the `watch` channel keeps only the newest anyway).
 //! - The watchers resume from the last resourceVersion after a dropped
-//!   connection and relist after `410 Gone`; the stores keep the previous
-//!   list until a relist is complete. Errors are retried with exponential
+//!   connection. After `410 Gone` they relist at once (a routine event, not
+//!   an error), not older than the last version seen, falling back to a
+//!   consistent read, as client-go does; the stores keep the previous list
+//!   until a relist is complete. Errors are retried with exponential
 //!   backoff; meanwhile nothing new is published and the datapath keeps
 //!   forwarding with what it was given last.
 //! - Objects are read one by one ([`Tolerant`]): an object that does not
 //!   deserialize is logged with its namespace/name, reported in
 //!   [`ObjectSet::problems`] and skipped, and never fails a list or a watch.
 use std::{
-    borrow::Cow, collections::hash_map::RandomState, fmt, hash::BuildHasher, pin::pin, sync::Arc,
+    borrow::Cow,
+    collections::hash_map::RandomState,
+    fmt,
+    hash::BuildHasher,
+    pin::pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -31,13 +41,12 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
+    api::{ListParams, VersionMatch, WatchParams},
     runtime::{
         reflector::{self, Store},
-        utils::Backoff,
-        watcher::{self, ListSemantic},
-        WatchStreamExt,
+        watcher,
     },
-    Api, Client,
+    Api, Client, ResourceExt as _,
 };
 use log::{debug, info, warn};
 use serde::{de::DeserializeOwned, Deserialize, Deserializer};
@@ -56,9 +65,12 @@ pub const LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// Watch events received (list items, changes, deletions), for metrics.
-pub static WATCH_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
 /// Failed lists and watches (each retried with backoff), for metrics.
-pub static WATCH_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static WATCH_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Routine relists (an expired watch, a relist falling back to a consistent
+/// read), for metrics.
+pub static WATCH_RELISTS: AtomicU64 = AtomicU64::new(0);
 
 /// Timing of the Kubernetes source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,50 +240,18 @@ impl fmt::Display for Kind {
     }
 }
 
-/// What one watcher event means for publishing.
-#[derive(Debug)]
+/// What one step of a kind's list-watch means for publishing.
+#[derive(Debug, PartialEq, Eq)]
 enum Step {
-    /// A (re)list is under way: the store still holds the previous list.
-    Listing,
     /// A list is complete and in the store.
     Listed,
     /// An object was added, changed or deleted.
     Changed,
-    /// A request failed; the watcher retries after a backoff.
+    /// The watch expired (410 Gone) or a relist fell back: a list follows at
+    /// once; the store still holds the previous list.
+    Relisting,
+    /// A request failed; it is retried after a backoff.
     Failed,
-}
-
-fn classify<K>(kind: Kind, item: watcher::Result<watcher::Event<Tolerant<K>>>) -> (Kind, Step) {
-    use watcher::Event;
-    let step = match item {
-        Ok(Event::Init) => {
-            debug!("kubernetes: listing {kind}");
-            Step::Listing
-        }
-        Ok(Event::InitApply(object)) => {
-            report_malformed(kind, &object);
-            Step::Listing
-        }
-        Ok(Event::InitDone) => Step::Listed,
-        Ok(Event::Apply(object)) => {
-            report_malformed(kind, &object);
-            Step::Changed
-        }
-        Ok(Event::Delete(_)) => Step::Changed,
-        Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-            info!(
-                "kubernetes: watching {kind}: resourceVersion expired (410 Gone); relisting, keeping the current state until then"
-            );
-            Step::Failed
-        }
-        Err(err) => {
-            warn!(
-                "kubernetes: {kind}: {err}; retrying with backoff, the datapath keeps the last programmed state"
-            );
-            Step::Failed
-        }
-    };
-    (kind, step)
 }
 
 fn report_malformed<K>(kind: Kind, object: &Tolerant<K>) {
@@ -285,12 +265,9 @@ fn report_malformed<K>(kind: Kind, object: &Tolerant<K>) {
     }
 }
 
-/// Exponential backoff with jitter for one watch stream, as client-go's
+/// Exponential backoff with jitter for one kind's requests, as client-go's
 /// reflector backs off (which kube-proxy uses): it starts over only after
-/// `reset_after` without a failure. The stream's own reset on every
-/// successful event is ignored: a watcher emits a successful `Init` before
-/// each list attempt, so that reset would keep an unreachable API server
-/// retried at the minimum delay forever.
+/// `reset_after` without a failure.
 struct ExponentialBackoff {
     min: Duration,
     max: Duration,
@@ -330,28 +307,337 @@ impl ExponentialBackoff {
         let fraction = (self.random.hash_one(self.draws) % 1000) as f64 / 2000.0;
         base + base.mul_f64(fraction)
     }
-}
 
-impl Iterator for ExponentialBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.delay_at(std::time::Instant::now()))
+    fn delay(&mut self) -> Duration {
+        self.delay_at(std::time::Instant::now())
     }
 }
 
-impl Backoff for ExponentialBackoff {
-    fn reset(&mut self) {
-        // See the type's documentation: time resets, events do not.
+/// Counters of one source, for metrics (the daemon's are the statics above).
+#[derive(Debug)]
+pub struct WatchCounters {
+    /// List items, changes and deletions received.
+    pub events: &'static AtomicU64,
+    /// Failed lists and watches, each retried with backoff.
+    pub errors: &'static AtomicU64,
+    /// Routine relists: a watch expired (410 Gone), or a relist fell back
+    /// to a consistent read. Not errors, and not backed off.
+    pub relists: &'static AtomicU64,
+}
+
+/// The counters `/metrics` reports.
+pub static COUNTERS: WatchCounters = WatchCounters {
+    events: &WATCH_EVENTS,
+    errors: &WATCH_ERRORS,
+    relists: &WATCH_RELISTS,
+};
+
+impl WatchCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
-/// One kind's watcher: events applied to `writer`'s store, classified.
+/// Which version a list asks for, as client-go's reflector chooses it
+/// (kubernetes#83520).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ListFrom {
+    /// `resourceVersion=0`: whatever the API server's watch cache has. Only
+    /// the first list: kind to the API server when every node of a large
+    /// cluster starts at once.
+    Cache,
+    /// Not older than the last version this watcher saw: after a watch
+    /// expired, a lagging cache cannot hand back a state older than what
+    /// was already programmed (a deleted Service coming back).
+    NotOlderThan(String),
+    /// No resourceVersion: a consistent read, when the API server cannot
+    /// serve `NotOlderThan` (the version is gone, or its cache is behind).
+    Consistent,
+}
+
+impl ListFrom {
+    fn params(&self) -> ListParams {
+        // Unpaged: kube-rs leaves resourceVersion=0 out of a paged list,
+        // which would make every list a quorum read from etcd.
+        let params = ListParams::default().labels(LABEL_SELECTOR);
+        match self {
+            ListFrom::Cache => params.match_any(),
+            ListFrom::NotOlderThan(version) => {
+                params.matching(VersionMatch::NotOlderThan).at(version)
+            }
+            ListFrom::Consistent => params,
+        }
+    }
+}
+
+impl fmt::Display for ListFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListFrom::Cache => f.write_str("from the API server's cache"),
+            ListFrom::NotOlderThan(v) => write!(f, "not older than resourceVersion {v}"),
+            ListFrom::Consistent => f.write_str("with a consistent read"),
+        }
+    }
+}
+
+/// The API server cannot list at that version: expired (410), or newer
+/// than its cache (client-go's `isTooLargeResourceVersionError`).
+fn version_unavailable(err: &kube::Error) -> bool {
+    let kube::Error::Api(status) = err else {
+        return false;
+    };
+    status.code == 410
+        || status.reason == "Expired"
+        || status.reason == "Gone"
+        || status.message.contains("Too large resource version")
+        || status.details.as_ref().is_some_and(|d| {
+            d.causes
+                .iter()
+                .any(|c| c.reason == "ResourceVersionTooLarge")
+        })
+}
+
+/// A watch response, boxed.
+type EventStream<K> =
+    futures::stream::BoxStream<'static, kube::Result<kube::core::WatchEvent<Tolerant<K>>>>;
+
+/// Where one kind's list-watch stands.
+enum Phase<K> {
+    List(ListFrom),
+    /// Start a watch from this version.
+    Watch(Resume),
+    Watching {
+        from: Resume,
+        stream: EventStream<K>,
+    },
+}
+
+/// The version a watch (re)starts from.
+#[derive(Clone, Debug)]
+struct Resume {
+    version: String,
+    /// The version is a list's, with no event since: a 410 now is not
+    /// routine (the list itself is already expired) and is backed off, so
+    /// a misbehaving API server does not get a tight list-watch loop.
+    fresh: bool,
+}
+
+/// The API server ends a watch after this; a watch silent for longer (plus
+/// a margin) is taken as a dead connection.
+const WATCH_TIMEOUT_S: u32 = 290;
+const WATCH_IDLE: Duration = Duration::from_secs(WATCH_TIMEOUT_S as u64 + 5);
+
+/// One kind's list and watch: client-go's reflector on kube-rs's `Api`.
+///
+/// - The first list reads the API server's cache (`resourceVersion=0`).
+/// - The watch resumes from the last version seen (events and bookmarks)
+///   after a dropped connection or the API server's watch timeout.
+/// - A watch that expires (410 Gone) is routine: relisted at once, not
+///   backed off and not counted as an error, from a version not older than
+///   the last one seen; if the API server cannot serve that, with a
+///   consistent read.
+/// - Failed requests are retried with [`ExponentialBackoff`].
+struct ListWatch<K>
+where
+    K: k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + Clone + 'static,
+{
+    api: Api<Tolerant<K>>,
+    kind: Kind,
+    writer: reflector::store::Writer<Tolerant<K>>,
+    backoff: ExponentialBackoff,
+    counters: &'static WatchCounters,
+    phase: Phase<K>,
+    /// Waited out before the next request (after a failure).
+    pause: Option<Duration>,
+}
+
+impl<K> ListWatch<K>
+where
+    K: k8s_openapi::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Metadata<Ty = ObjectMeta>
+        + DeserializeOwned
+        + Clone
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn failed(&mut self, phase: Phase<K>, what: fmt::Arguments<'_>) -> Step {
+        warn!(
+            "kubernetes: {}: {what}; retrying with backoff, the datapath keeps the last programmed state",
+            self.kind
+        );
+        WatchCounters::add(self.counters.errors, 1);
+        self.phase = phase;
+        self.pause = Some(self.backoff.delay());
+        Step::Failed
+    }
+
+    fn relist(&mut self, from: ListFrom, why: fmt::Arguments<'_>) -> Step {
+        info!(
+            "kubernetes: {}: {why}; relisting {from}, keeping the current state until then",
+            self.kind
+        );
+        WatchCounters::add(self.counters.relists, 1);
+        self.phase = Phase::List(from);
+        Step::Relisting
+    }
+
+    /// The watch from `from` expired: relist at once, unless it is the
+    /// version of the list just made.
+    fn expired(&mut self, from: Resume, why: fmt::Arguments<'_>) -> Step {
+        let relist = ListFrom::NotOlderThan(from.version);
+        if from.fresh {
+            self.failed(
+                Phase::List(relist),
+                format_args!("{why}, right after a list"),
+            )
+        } else {
+            self.relist(relist, why)
+        }
+    }
+
+    /// Makes requests until there is something to report.
+    async fn step(&mut self) -> Step {
+        if let Some(pause) = self.pause.take() {
+            tokio::time::sleep(pause).await;
+        }
+        loop {
+            match std::mem::replace(&mut self.phase, Phase::List(ListFrom::Consistent)) {
+                Phase::List(from) => return self.list(from).await,
+                Phase::Watch(from) => {
+                    let params = WatchParams::default()
+                        .labels(LABEL_SELECTOR)
+                        .timeout(WATCH_TIMEOUT_S);
+                    match self.api.watch(&params, &from.version).await {
+                        Ok(stream) => {
+                            self.phase = Phase::Watching {
+                                from,
+                                stream: stream.boxed(),
+                            }
+                        }
+                        Err(err) if version_unavailable(&err) => {
+                            return self.expired(from, format_args!("watch refused: {err}"));
+                        }
+                        Err(err) => {
+                            return self.failed(Phase::Watch(from), format_args!("{err}"));
+                        }
+                    }
+                }
+                Phase::Watching {
+                    mut from,
+                    mut stream,
+                } => {
+                    use kube::core::WatchEvent;
+                    let next = match tokio::time::timeout(WATCH_IDLE, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            debug!(
+                                "kubernetes: watching {}: silent for {WATCH_IDLE:?}, reconnecting",
+                                self.kind
+                            );
+                            None
+                        }
+                    };
+                    let (event, object_version) = match next {
+                        // The response ended (the API server's watch timeout):
+                        // resume from the last version seen.
+                        None => {
+                            self.phase = Phase::Watch(from);
+                            continue;
+                        }
+                        Some(Ok(WatchEvent::Added(o) | WatchEvent::Modified(o))) => {
+                            report_malformed(self.kind, &o);
+                            let v = o.resource_version();
+                            (watcher::Event::Apply(o), v)
+                        }
+                        Some(Ok(WatchEvent::Deleted(o))) => {
+                            let v = o.resource_version();
+                            (watcher::Event::Delete(o), v)
+                        }
+                        Some(Ok(WatchEvent::Bookmark(bookmark))) => {
+                            self.phase = Phase::Watching {
+                                from: Resume {
+                                    version: bookmark.metadata.resource_version,
+                                    fresh: false,
+                                },
+                                stream,
+                            };
+                            continue;
+                        }
+                        Some(Ok(WatchEvent::Error(status))) if status.code == 410 => {
+                            return self.expired(
+                                from,
+                                format_args!("watch expired (410 Gone: {})", status.message),
+                            );
+                        }
+                        Some(Ok(WatchEvent::Error(status))) => {
+                            return self.failed(
+                                Phase::Watch(from),
+                                format_args!("watch error {}: {}", status.code, status.message),
+                            );
+                        }
+                        Some(Err(err)) => {
+                            return self.failed(Phase::Watch(from), format_args!("{err}"));
+                        }
+                    };
+                    if let Some(version) = object_version.filter(|v| !v.is_empty()) {
+                        from.version = version;
+                    }
+                    from.fresh = false;
+                    self.writer.apply_watcher_event(&event);
+                    WatchCounters::add(self.counters.events, 1);
+                    self.phase = Phase::Watching { from, stream };
+                    return Step::Changed;
+                }
+            }
+        }
+    }
+
+    async fn list(&mut self, from: ListFrom) -> Step {
+        debug!("kubernetes: listing {} {from}", self.kind);
+        match self.api.list(&from.params()).await {
+            Ok(list) => {
+                let Some(version) = list.metadata.resource_version.filter(|v| !v.is_empty()) else {
+                    return self.failed(
+                        Phase::List(from),
+                        format_args!("the list has no resourceVersion"),
+                    );
+                };
+                self.writer.apply_watcher_event(&watcher::Event::Init);
+                let count = list.items.len() as u64;
+                for object in list.items {
+                    report_malformed(self.kind, &object);
+                    self.writer
+                        .apply_watcher_event(&watcher::Event::InitApply(object));
+                }
+                self.writer.apply_watcher_event(&watcher::Event::InitDone);
+                WatchCounters::add(self.counters.events, count);
+                self.phase = Phase::Watch(Resume {
+                    version,
+                    fresh: true,
+                });
+                Step::Listed
+            }
+            Err(err) if from != ListFrom::Consistent && version_unavailable(&err) => self.relist(
+                ListFrom::Consistent,
+                format_args!("the API server cannot list {from}: {err}"),
+            ),
+            Err(err) => {
+                let what = format!("list {from}: {err}");
+                self.failed(Phase::List(from), format_args!("{what}"))
+            }
+        }
+    }
+}
+
+/// One kind's list-watch: changes applied to `writer`'s store, classified.
 fn watch_kind<K>(
     client: Client,
     kind: Kind,
     writer: reflector::store::Writer<Tolerant<K>>,
     options: &WatchOptions,
+    counters: &'static WatchCounters,
 ) -> impl Stream<Item = (Kind, Step)> + Send
 where
     K: k8s_openapi::Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -363,22 +649,19 @@ where
         + Sync
         + 'static,
 {
-    // Lists at resourceVersion 0 (served from the API server's watch cache),
-    // as client-go's reflector does for kube-proxy: kind to the API server
-    // when every node of a large cluster starts at once. Unpaged: kube-rs
-    // leaves resourceVersion=0 out of a paged list, which would make every
-    // list a quorum read from etcd.
-    let config = watcher::Config::default()
-        .labels(LABEL_SELECTOR)
-        .list_semantic(ListSemantic::Any);
-    let config = watcher::Config {
-        page_size: None,
-        ..config
+    let state = ListWatch {
+        api: Api::<Tolerant<K>>::all(client),
+        kind,
+        writer,
+        backoff: ExponentialBackoff::new(options),
+        counters,
+        phase: Phase::List(ListFrom::Cache),
+        pause: None,
     };
-    watcher::watcher(Api::<Tolerant<K>>::all(client), config)
-        .backoff(ExponentialBackoff::new(options))
-        .reflect(writer)
-        .map(move |item| classify(kind, item))
+    stream::unfold(state, move |mut state| async move {
+        let step = state.step().await;
+        Some(((kind, step), state))
+    })
 }
 
 /// The valid objects of a store, sorted by namespace/name; malformed ones
@@ -409,17 +692,39 @@ where
 }
 
 /// Watches Services and EndpointSlices through `client` and publishes them
-/// on `tx`, until the receiving side is gone.
+/// on `tx`, until the receiving side is gone; counts into [`COUNTERS`].
 pub async fn watch_kubernetes(
     client: Client,
     tx: watch::Sender<Option<ObjectSet>>,
     options: WatchOptions,
 ) {
+    watch_kubernetes_counted(client, tx, options, &COUNTERS).await
+}
+
+/// [`watch_kubernetes`], counting into `counters`.
+pub async fn watch_kubernetes_counted(
+    client: Client,
+    tx: watch::Sender<Option<ObjectSet>>,
+    options: WatchOptions,
+    counters: &'static WatchCounters,
+) {
     let (services, services_writer) = reflector::store::<Tolerant<Service>>();
     let (slices, slices_writer) = reflector::store::<Tolerant<EndpointSlice>>();
     let events = stream::select(
-        watch_kind(client.clone(), Kind::Service, services_writer, &options),
-        watch_kind(client, Kind::EndpointSlice, slices_writer, &options),
+        watch_kind(
+            client.clone(),
+            Kind::Service,
+            services_writer,
+            &options,
+            counters,
+        ),
+        watch_kind(
+            client,
+            Kind::EndpointSlice,
+            slices_writer,
+            &options,
+            counters,
+        ),
     );
     let mut events = pin!(events);
 
@@ -435,10 +740,8 @@ pub async fn watch_kubernetes(
             event = events.next() => {
                 // The watchers retry forever: their streams do not end.
                 let Some((kind, step)) = event else { return };
-                let counter = if matches!(step, Step::Failed) { &WATCH_ERRORS } else { &WATCH_EVENTS };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match step {
-                    Step::Listing | Step::Failed => {}
+                    Step::Relisting | Step::Failed => {}
                     Step::Listed => {
                         match kind {
                             Kind::Service => services_listed = true,
@@ -549,12 +852,71 @@ mod tests {
             assert!(d >= base && d < base + base / 2, "{d:?} for base {base:?}");
             now += d;
         }
-        // A stream's reset (after every event, even between failed lists)
-        // does not shorten the delay...
-        b.reset();
+        // Failures close together keep the maximum...
         assert!(b.delay_at(now) >= Duration::from_millis(400));
         // ...a minute without failures does.
         let d = b.delay_at(now + Duration::from_secs(61));
         assert!(d < Duration::from_millis(150), "{d:?}");
+    }
+}
+
+#[cfg(test)]
+mod list_from_tests {
+    use super::*;
+
+    fn query(from: ListFrom) -> String {
+        let request = kube::core::Request::new("/api/v1/services");
+        request
+            .list(&from.params())
+            .expect("valid list request")
+            .uri()
+            .to_string()
+    }
+
+    #[test]
+    fn each_list_asks_for_its_version() {
+        let cache = query(ListFrom::Cache);
+        assert!(
+            cache.contains("resourceVersion=0&resourceVersionMatch=NotOlderThan"),
+            "{cache}"
+        );
+        let not_older = query(ListFrom::NotOlderThan("150".into()));
+        assert!(
+            not_older.contains("resourceVersion=150&resourceVersionMatch=NotOlderThan"),
+            "{not_older}"
+        );
+        let consistent = query(ListFrom::Consistent);
+        assert!(!consistent.contains("resourceVersion"), "{consistent}");
+        for q in [cache, not_older, consistent] {
+            assert!(!q.contains("limit="), "unpaged: {q}");
+        }
+    }
+
+    #[test]
+    fn expired_and_too_large_versions_are_told_from_other_errors() {
+        let status = |code: u16, reason: &str, message: &str| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                reason: reason.into(),
+                message: message.into(),
+                ..kube::core::Status::failure(message, reason)
+            }))
+        };
+        assert!(version_unavailable(&status(
+            410,
+            "Expired",
+            "too old resource version: 1 (5)"
+        )));
+        assert!(version_unavailable(&status(
+            504,
+            "Timeout",
+            "Too large resource version: 9, current: 5"
+        )));
+        assert!(!version_unavailable(&status(
+            500,
+            "InternalError",
+            "etcd is sad"
+        )));
+        assert!(!version_unavailable(&status(403, "Forbidden", "no")));
     }
 }

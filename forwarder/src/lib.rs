@@ -14,6 +14,7 @@ pub mod model;
 pub mod netdev;
 pub mod observe;
 pub mod plan;
+pub mod skips;
 pub mod source;
 pub mod stats;
 pub mod translate;

@@ -7,7 +7,7 @@ use forwarder::{
     datapath::{self, OnExit, XdpModeArg, XdpTxArg},
     inspect,
     netdev::Ipv4Cidr,
-    stats,
+    skips, stats,
     translate::ServiceSelection,
 };
 
@@ -97,8 +97,16 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         health_timeout: Duration,
     },
-    /// Interfaces and attach modes, program ids, what is programmed, map fill, daemon health.
-    Status(Inspect),
+    /// Interfaces and attach modes, program ids, what is programmed, map fill, daemon health,
+    /// and the Services left to kube-proxy by reason (from the running daemon's /metrics).
+    Status {
+        #[command(flatten)]
+        inspect: Inspect,
+        /// Where the daemon serves /metrics (its `run --metrics-addr`); a wildcard
+        /// address is asked on loopback.
+        #[arg(long, default_value = "0.0.0.0:10269")]
+        metrics_addr: SocketAddr,
+    },
     /// Frontends (address:port/protocol) and their backends, with counters.
     Services(Inspect),
     /// Live flows: client, frontend, backend, source NAT, state, age.
@@ -139,6 +147,19 @@ enum Services {
 enum Output {
     Text,
     Json,
+}
+
+/// `forwarder status`: the datapath's state and the daemon's skipped Services.
+#[derive(serde::Serialize)]
+struct StatusReport {
+    #[serde(flatten)]
+    status: inspect::Status,
+    /// Services per reason (`forwarder_services_skipped`); absent when the
+    /// daemon's metrics could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped_services: Option<std::collections::BTreeMap<String, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped_services_error: Option<String>,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -296,10 +317,22 @@ fn real_main(cli: Cli) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })
         }
-        Command::Status(Inspect { pin_dir, output }) => {
+        Command::Status {
+            inspect: Inspect { pin_dir, output },
+            metrics_addr,
+        } => {
             let maps = inspect::open(&pin_dir)?;
-            let s = inspect::status(&maps, &pin_dir)?;
-            print_as(output, &s, inspect::render_status)
+            let status = inspect::status(&maps, &pin_dir)?;
+            let skipped =
+                skips::fetch_counts(skips::local_address(metrics_addr), Duration::from_secs(2));
+            let report = StatusReport {
+                skipped_services: skipped.as_ref().ok().cloned(),
+                skipped_services_error: skipped.as_ref().err().map(|e| format!("{e:#}")),
+                status,
+            };
+            print_as(output, &report, |r| {
+                inspect::render_status(&r.status) + &skips::render(&skipped)
+            })
         }
         Command::Services(Inspect { pin_dir, output }) => {
             let maps = inspect::open(&pin_dir)?;

@@ -128,6 +128,7 @@ pub struct DaemonMetrics {
     pub source_updates: Counter,
     pub source_problems: Gauge,
     pub pending: Gauge,
+    pub services_skipped: crate::skips::SkippedGauges,
 }
 
 #[derive(Debug)]
@@ -175,7 +176,7 @@ impl Collector for DatapathCollector {
                 ConstGauge::new(1i64),
             )],
         )?;
-        use crate::kube_source::{WATCH_ERRORS, WATCH_EVENTS};
+        use crate::kube_source::{WATCH_ERRORS, WATCH_EVENTS, WATCH_RELISTS};
         family(
             &mut encoder,
             "forwarder_watch_events",
@@ -194,6 +195,16 @@ impl Collector for DatapathCollector {
             [(
                 vec![],
                 ConstCounter::new(WATCH_ERRORS.load(Ordering::Relaxed)),
+            )],
+        )?;
+        family(
+            &mut encoder,
+            "forwarder_watch_relists",
+            "Routine Kubernetes relists: an expired watch (410 Gone), or a relist falling back to a consistent read",
+            MetricType::Counter,
+            [(
+                vec![],
+                ConstCounter::new(WATCH_RELISTS.load(Ordering::Relaxed)),
             )],
         )?;
         let maps = match Maps::open_pinned(&self.pin_dir) {
@@ -387,6 +398,13 @@ pub fn registry(pin_dir: PathBuf, object_hash: u64, daemon: &Arc<DaemonMetrics>)
         "forwarder_reconcile_pending",
         "1 while a change waits to be programmed",
         daemon.pending.clone(),
+    );
+    // Every reason's series exists (at 0) before the first translation.
+    crate::skips::set_gauges(&daemon.services_skipped, &Default::default());
+    r.register(
+        crate::skips::METRIC,
+        "Services with a port or address not accelerated (left to kube-proxy), by reason",
+        daemon.services_skipped.clone(),
     );
     r.register_collector(Box::new(DatapathCollector {
         pin_dir,

@@ -1,10 +1,14 @@
-//! The manifests in `deploy/`: every document must be a known Kubernetes
-//! object that reads into the k8s-openapi types without losing a field (so
-//! a misspelt field fails here, not on the cluster), and the DaemonSet must
-//! give the daemon what it needs: its arguments accepted by the binary, the
-//! node name from the downward API, the host network, the capabilities the
-//! daemon checks for, bpffs under the pin directory, and RBAC for what the
-//! Kubernetes source watches.
+//! The kustomizations in `deploy/` (the base and every overlay), rendered
+//! with `kubectl kustomize` as `kubectl apply -k` would: every object must
+//! be a known Kubernetes object that reads into the k8s-openapi types
+//! without losing a field (so a misspelt field fails here, not on the
+//! cluster), and the DaemonSet must give the daemon what it needs and a
+//! node what it expects of a node agent: its arguments accepted by the
+//! binary, the node name from the downward API, the host network, the named
+//! capabilities only, bpffs under the pin directory, RBAC for what the
+//! Kubernetes source watches, every node tolerated, node-critical priority,
+//! a rolling update, resource requests and limits, probes on the health
+//! port, and the image the crate's version builds.
 use std::{
     collections::BTreeMap,
     fs,
@@ -12,10 +16,13 @@ use std::{
     process::Command,
 };
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Container, Namespace, PodSpec, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
@@ -31,7 +38,11 @@ struct Objects {
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
     daemon_sets: Vec<DaemonSet>,
+    config_maps: Vec<ConfigMap>,
 }
+
+/// The kustomizations a user applies: the base and each overlay.
+const KUSTOMIZATIONS: [&str; 3] = ["base", "overlays/annotated", "overlays/manifests"];
 
 /// Paths where `a` and `b` differ (what `b` lacks or has otherwise).
 fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
@@ -68,44 +79,67 @@ fn typed<T: DeserializeOwned + Serialize>(what: &str, value: &Value) -> T {
     object
 }
 
-fn load() -> Objects {
-    let mut files: Vec<PathBuf> = fs::read_dir(deploy_dir())
-        .expect("deploy/ exists")
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-        })
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in deploy/");
+/// `kubectl kustomize deploy/<dir>`: the objects `kubectl apply -k` sends.
+fn render(dir: &str) -> String {
+    let path = deploy_dir().join(dir);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("running `kubectl kustomize` (kubectl must be installed): {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn parse(what: &str, text: &str) -> Objects {
     let mut objects = Objects::default();
-    for file in files {
-        let text = fs::read_to_string(&file).expect("readable");
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let what = format!("{} document {}", file.display(), index + 1);
-            let value =
-                Value::deserialize(document).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
-            if value.is_null() {
-                continue;
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let what = format!("{what} document {}", index + 1);
+        let value =
+            Value::deserialize(document).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+        if value.is_null() {
+            continue;
+        }
+        let api_version = value["apiVersion"].as_str().unwrap_or("");
+        let kind = value["kind"].as_str().unwrap_or("");
+        match (api_version, kind) {
+            ("v1", "Namespace") => objects.namespaces.push(typed(&what, &value)),
+            ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&what, &value)),
+            ("v1", "ConfigMap") => objects.config_maps.push(typed(&what, &value)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                objects.cluster_roles.push(typed(&what, &value))
             }
-            let api_version = value["apiVersion"].as_str().unwrap_or("");
-            let kind = value["kind"].as_str().unwrap_or("");
-            match (api_version, kind) {
-                ("v1", "Namespace") => objects.namespaces.push(typed(&what, &value)),
-                ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&what, &value)),
-                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    objects.cluster_roles.push(typed(&what, &value))
-                }
-                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                    objects.cluster_role_bindings.push(typed(&what, &value))
-                }
-                ("apps/v1", "DaemonSet") => objects.daemon_sets.push(typed(&what, &value)),
-                _ => panic!("{what}: unexpected {api_version} {kind}"),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                objects.cluster_role_bindings.push(typed(&what, &value))
             }
+            ("apps/v1", "DaemonSet") => objects.daemon_sets.push(typed(&what, &value)),
+            _ => panic!("{what}: unexpected {api_version} {kind}"),
         }
     }
     objects
+}
+
+/// One rendered kustomization.
+fn load_kustomization(dir: &str) -> Objects {
+    parse(&format!("kubectl kustomize deploy/{dir}"), &render(dir))
+}
+
+/// Every kustomization, rendered: (directory, objects).
+fn all() -> Vec<(&'static str, Objects)> {
+    KUSTOMIZATIONS
+        .iter()
+        .map(|dir| (*dir, load_kustomization(dir)))
+        .collect()
+}
+
+/// The base, as `kubectl apply -k deploy/base` applies it.
+fn load() -> Objects {
+    load_kustomization("base")
 }
 
 fn daemon_set<'a>(objects: &'a Objects, name: &str) -> &'a DaemonSet {
@@ -169,14 +203,48 @@ fn flags(args: &[String]) -> BTreeMap<String, String> {
     out
 }
 
+/// The rendering reads from the Kubernetes API (not `--manifests`).
+fn uses_the_api(objects: &Objects) -> bool {
+    let c = daemon_container(pod_spec(the_daemon_set(objects)));
+    !flags(&c.args.clone().unwrap_or_default()).contains_key("manifests")
+}
+
 #[test]
-fn every_manifest_reads_into_its_kubernetes_type_without_losing_a_field() {
-    let objects = load();
-    assert_eq!(objects.namespaces.len(), 1);
-    assert_eq!(objects.service_accounts.len(), 1);
-    assert_eq!(objects.cluster_roles.len(), 1);
-    assert_eq!(objects.cluster_role_bindings.len(), 1);
-    the_daemon_set(&objects);
+fn every_kustomization_renders_into_kubernetes_types_without_losing_a_field() {
+    for (dir, objects) in all() {
+        assert_eq!(objects.namespaces.len(), 1, "{dir}");
+        assert_eq!(objects.service_accounts.len(), 1, "{dir}");
+        let rbac = usize::from(uses_the_api(&objects));
+        assert_eq!(objects.cluster_roles.len(), rbac, "{dir}");
+        assert_eq!(objects.cluster_role_bindings.len(), rbac, "{dir}");
+        the_daemon_set(&objects);
+        daemon_set(&objects, "forwarder-off");
+    }
+}
+
+#[test]
+fn no_manifest_is_left_out_of_the_base() {
+    let text = fs::read_to_string(deploy_dir().join("base/kustomization.yaml")).expect("base");
+    let kustomization: Value = serde_yaml::from_str(&text).expect("YAML");
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for entry in fs::read_dir(deploy_dir().join("base")).expect("deploy/base") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .into_string()
+            .expect("UTF-8");
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                listed.contains(&name.as_str()),
+                "{name} is not in resources"
+            );
+        }
+    }
 }
 
 #[test]
@@ -191,27 +259,34 @@ fn a_misspelt_field_is_caught() {
 
 #[test]
 fn namespaced_objects_live_in_a_namespace_that_is_deployed() {
-    let objects = load();
-    let namespaces: Vec<&str> = objects
-        .namespaces
-        .iter()
-        .filter_map(|n| n.metadata.name.as_deref())
-        .collect();
-    let used = objects
-        .service_accounts
-        .iter()
-        .map(|o| &o.metadata)
-        .chain(objects.daemon_sets.iter().map(|o| &o.metadata));
-    for meta in used {
-        let ns = meta.namespace.as_deref().expect("namespace set explicitly");
-        assert!(namespaces.contains(&ns), "{ns} is not deployed");
+    for (dir, objects) in all() {
+        let namespaces: Vec<&str> = objects
+            .namespaces
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        let used = objects
+            .service_accounts
+            .iter()
+            .map(|o| &o.metadata)
+            .chain(objects.daemon_sets.iter().map(|o| &o.metadata))
+            .chain(objects.config_maps.iter().map(|o| &o.metadata));
+        for meta in used {
+            let ns = meta.namespace.as_deref().expect("namespace set explicitly");
+            assert!(namespaces.contains(&ns), "{dir}: {ns} is not deployed");
+        }
     }
 }
 
 #[test]
 fn the_daemon_set_runs_the_daemon_as_it_expects() {
-    let objects = load();
-    let ds = the_daemon_set(&objects);
+    for (_, objects) in all() {
+        daemon_set_runs_the_daemon_as_it_expects(&objects);
+    }
+}
+
+fn daemon_set_runs_the_daemon_as_it_expects(objects: &Objects) {
+    let ds = the_daemon_set(objects);
     let spec = ds.spec.as_ref().expect("spec");
     let pod = pod_spec(ds);
     assert_eq!(
@@ -239,10 +314,6 @@ fn the_daemon_set_runs_the_daemon_as_it_expects() {
     assert!(
         flags.get("iface").is_some_and(|v| !v.is_empty()),
         "--iface is set: {args:?}"
-    );
-    assert!(
-        !flags.contains_key("manifests"),
-        "in a cluster the source is the Kubernetes API"
     );
     assert!(
         !flags.contains_key("cleanup-on-exit"),
@@ -306,8 +377,13 @@ fn the_daemon_set_runs_the_daemon_as_it_expects() {
 #[test]
 fn bidirectional_mounts_are_only_in_privileged_containers() {
     // The API server refuses the pod otherwise.
-    let objects = load();
-    let pod = pod_spec(the_daemon_set(&objects));
+    for (_, objects) in all() {
+        bidirectional_mounts_only_privileged(&objects);
+    }
+}
+
+fn bidirectional_mounts_only_privileged(objects: &Objects) {
+    let pod = pod_spec(the_daemon_set(objects));
     let mut bidirectional = 0;
     for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
         for m in c.volume_mounts.iter().flatten() {
@@ -344,10 +420,13 @@ fn assert_binary_accepts(args: &[String]) {
 
 #[test]
 fn the_binary_accepts_the_daemon_set_arguments() {
+    for (_, objects) in all() {
+        let c = daemon_container(pod_spec(the_daemon_set(&objects)));
+        assert_binary_accepts(&c.args.clone().unwrap_or_default());
+    }
     let objects = load();
     let c = daemon_container(pod_spec(the_daemon_set(&objects)));
     let args = c.args.clone().unwrap_or_default();
-    assert_binary_accepts(&args);
     // And the check is real: a bad argument fails it.
     let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
         .args(&args)
@@ -359,8 +438,17 @@ fn the_binary_accepts_the_daemon_set_arguments() {
 
 #[test]
 fn rbac_grants_what_the_kubernetes_source_watches() {
-    let objects = load();
-    let ds = the_daemon_set(&objects);
+    for (dir, objects) in all() {
+        if uses_the_api(&objects) {
+            rbac_grants_what_the_source_watches(&objects);
+        } else {
+            assert!(objects.cluster_roles.is_empty(), "{dir}: reads no API");
+        }
+    }
+}
+
+fn rbac_grants_what_the_source_watches(objects: &Objects) {
+    let ds = the_daemon_set(objects);
     let pod = pod_spec(ds);
     let account = pod
         .service_account_name
@@ -436,9 +524,14 @@ fn node_selector(ds: &DaemonSet) -> BTreeMap<String, String> {
 
 #[test]
 fn the_off_switch_uninstalls_where_the_forwarder_is_turned_off() {
-    let objects = load();
-    let on = the_daemon_set(&objects);
-    let off = daemon_set(&objects, "forwarder-off");
+    for (_, objects) in all() {
+        off_switch_uninstalls(&objects);
+    }
+}
+
+fn off_switch_uninstalls(objects: &Objects) {
+    let on = the_daemon_set(objects);
+    let off = daemon_set(objects, "forwarder-off");
     assert_eq!(
         node_selector(on)
             .get("forwarder.dev/enabled")
@@ -491,8 +584,13 @@ fn the_off_switch_uninstalls_where_the_forwarder_is_turned_off() {
 
 #[test]
 fn probes_and_scraping_point_at_the_daemon_endpoints() {
-    let objects = load();
-    let ds = the_daemon_set(&objects);
+    for (_, objects) in all() {
+        probes_and_scraping(&objects);
+    }
+}
+
+fn probes_and_scraping(objects: &Objects) {
+    let ds = the_daemon_set(objects);
     let c = daemon_container(pod_spec(ds));
     let f = flags(&c.args.clone().unwrap_or_default());
     let port_of = |flag: &str| -> i32 {
@@ -520,6 +618,19 @@ fn probes_and_scraping_point_at_the_daemon_endpoints() {
     };
     assert_eq!(path(&c.readiness_probe).as_deref(), Some("/healthz"));
     assert_eq!(path(&c.liveness_probe).as_deref(), Some("/livez"));
+    // Both probes ask the health port, by name or number.
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.port.clone())
+            .expect("an httpGet probe");
+        let number = match port {
+            IntOrString::Int(n) => n,
+            IntOrString::String(name) => named(&name),
+        };
+        assert_eq!(number, port_of("health-addr"), "probe on the health port");
+    }
     let annotations = ds
         .spec
         .as_ref()
@@ -534,4 +645,245 @@ fn probes_and_scraping_point_at_the_daemon_endpoints() {
         annotations.get("prometheus.io/port"),
         Some(&port_of("metrics-addr").to_string())
     );
+}
+
+/// Every container of both DaemonSets.
+fn containers(objects: &Objects) -> Vec<(String, &Container)> {
+    objects
+        .daemon_sets
+        .iter()
+        .flat_map(|ds| {
+            let name = ds.metadata.name.clone().unwrap_or_default();
+            let pod = pod_spec(ds);
+            pod.init_containers
+                .iter()
+                .flatten()
+                .chain(&pod.containers)
+                .map(move |c| (format!("{name}/{}", c.name), c))
+        })
+        .collect()
+}
+
+#[test]
+fn like_kube_proxy_it_runs_on_every_node_with_node_critical_priority() {
+    for (dir, objects) in all() {
+        for ds in &objects.daemon_sets {
+            let name = ds.metadata.name.as_deref().unwrap_or("");
+            let pod = pod_spec(ds);
+            // `operator: Exists` without a key or effect tolerates every
+            // taint: control-plane nodes, NoExecute and NoSchedule alike.
+            let tolerates_all = pod.tolerations.iter().flatten().any(|t| {
+                t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
+            });
+            assert!(tolerates_all, "{dir} {name}: {:?}", pod.tolerations);
+            assert_eq!(
+                pod.priority_class_name.as_deref(),
+                Some("system-node-critical"),
+                "{dir} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_rolling_update_replaces_a_bounded_number_of_nodes_at_a_time() {
+    for (dir, objects) in all() {
+        let ds = the_daemon_set(&objects);
+        let strategy = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .expect("updateStrategy");
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"), "{dir}");
+        let max_unavailable = strategy
+            .rolling_update
+            .as_ref()
+            .and_then(|r| r.max_unavailable.as_ref())
+            .expect("rollingUpdate.maxUnavailable");
+        let bounded = match max_unavailable {
+            IntOrString::Int(n) => *n >= 1,
+            IntOrString::String(p) => p
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|p| (1..100).contains(&p)),
+        };
+        assert!(bounded, "{dir}: maxUnavailable {max_unavailable:?}");
+    }
+}
+
+/// A quantity in bytes (Ki/Mi/Gi suffixes) or millicores (m suffix, or
+/// whole cores).
+fn quantity(q: &Quantity) -> f64 {
+    let text = q.0.as_str();
+    let units = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("m", 0.001),
+    ];
+    for (suffix, factor) in units {
+        if let Some(n) = text.strip_suffix(suffix) {
+            return n.parse::<f64>().expect("a number") * factor;
+        }
+    }
+    text.parse().unwrap_or_else(|_| panic!("quantity {text:?}"))
+}
+
+#[test]
+fn the_daemon_has_resource_requests_and_limits() {
+    for (dir, objects) in all() {
+        let c = daemon_container(pod_spec(the_daemon_set(&objects)));
+        let resources = c.resources.as_ref().expect("resources");
+        let requests = resources.requests.as_ref().expect("requests");
+        let limits = resources.limits.as_ref().expect("limits");
+        for key in ["cpu", "memory"] {
+            let request = quantity(
+                requests
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{dir}: request {key}")),
+            );
+            let limit = quantity(
+                limits
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{dir}: limit {key}")),
+            );
+            assert!(
+                request > 0.0 && request <= limit,
+                "{dir} {key}: {request} > {limit}"
+            );
+        }
+        // The eBPF maps are charged to the container: about 100 MiB at the
+        // default sizes (README.md); a smaller limit would OOM-kill it.
+        assert!(
+            quantity(&limits["memory"]) >= 256.0 * 1024.0 * 1024.0,
+            "{dir}: memory limit {:?}",
+            limits["memory"]
+        );
+    }
+}
+
+#[test]
+fn containers_get_the_named_capabilities_only() {
+    const NAMED: [&str; 3] = ["BPF", "PERFMON", "NET_ADMIN"];
+    for (dir, objects) in all() {
+        for (name, c) in containers(&objects) {
+            let security = c.security_context.as_ref();
+            if security.and_then(|s| s.privileged) == Some(true) {
+                // Only the short bpffs mount; the daemon never is.
+                assert!(
+                    name.ends_with("/mount-bpffs"),
+                    "{dir}: {name} is privileged"
+                );
+                continue;
+            }
+            let caps = security
+                .and_then(|s| s.capabilities.as_ref())
+                .unwrap_or_else(|| panic!("{dir}: {name} sets capabilities"));
+            assert_eq!(
+                caps.drop.as_deref(),
+                Some(&["ALL".to_string()][..]),
+                "{dir}: {name}"
+            );
+            for cap in caps.add.iter().flatten() {
+                assert!(NAMED.contains(&cap.as_str()), "{dir}: {name} adds {cap}");
+            }
+        }
+        let c = daemon_container(pod_spec(the_daemon_set(&objects)));
+        let security = c.security_context.as_ref().expect("securityContext");
+        assert_eq!(security.allow_privilege_escalation, Some(false), "{dir}");
+        let added: Vec<&str> = security
+            .capabilities
+            .iter()
+            .flat_map(|c| c.add.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        assert_eq!(added, NAMED, "{dir}: what check_privileges needs");
+    }
+}
+
+#[test]
+fn kustomize_sets_the_image_the_crate_version_builds() {
+    // `cargo xtask image` tags localhost/forwarder:<crate version>.
+    let want = format!("localhost/forwarder:{}", env!("CARGO_PKG_VERSION"));
+    for (dir, objects) in all() {
+        for ds in &objects.daemon_sets {
+            for c in &pod_spec(ds).containers {
+                assert_eq!(c.image.as_deref(), Some(want.as_str()), "{dir}: {}", c.name);
+            }
+        }
+    }
+    let text =
+        fs::read_to_string(deploy_dir().join("base/kustomization.yaml")).expect("kustomization");
+    let kustomization: Value = serde_yaml::from_str(&text).expect("YAML");
+    assert_eq!(
+        kustomization["images"][0]["newTag"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "the tag comes from the images: entry"
+    );
+}
+
+#[test]
+fn the_annotated_overlay_only_narrows_the_services() {
+    let base = load_kustomization("base");
+    let annotated = load_kustomization("overlays/annotated");
+    let args = |o: &Objects| {
+        daemon_container(pod_spec(the_daemon_set(o)))
+            .args
+            .clone()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        flags(&args(&annotated)).get("services").map(String::as_str),
+        Some("annotated")
+    );
+    assert_eq!(
+        flags(&args(&base)).get("services").map(String::as_str),
+        Some("all")
+    );
+    // Everything else is the base's.
+    let mut a = serde_json::to_value(the_daemon_set(&annotated)).unwrap();
+    let b = serde_json::to_value(the_daemon_set(&base)).unwrap();
+    a["spec"]["template"]["spec"]["containers"][0]["args"] =
+        b["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn the_manifests_overlay_reads_services_from_a_mounted_config_map() {
+    let objects = load_kustomization("overlays/manifests");
+    let ds = the_daemon_set(&objects);
+    let pod = pod_spec(ds);
+    let c = daemon_container(pod);
+    let manifests = flags(&c.args.clone().unwrap_or_default())
+        .get("manifests")
+        .cloned()
+        .expect("--manifests");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&manifests).starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("nothing mounted over --manifests {manifests}"));
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume exists");
+    let config_map_name = &volume.config_map.as_ref().expect("a ConfigMap volume").name;
+    let config_map = objects
+        .config_maps
+        .iter()
+        .find(|m| m.metadata.name.as_ref() == Some(config_map_name))
+        .unwrap_or_else(|| panic!("ConfigMap {config_map_name} is rendered"));
+    assert_eq!(config_map.metadata.namespace, ds.metadata.namespace);
+    // What the daemon will read there parses, and holds Services.
+    let data = config_map.data.as_ref().expect("data");
+    assert!(!data.is_empty());
+    for (file, text) in data {
+        let set = forwarder::manifest::parse_str(Path::new(file), text);
+        assert!(set.problems.is_empty(), "{file}: {:?}", set.problems);
+        assert!(!set.services.is_empty(), "{file} has no Service");
+    }
 }

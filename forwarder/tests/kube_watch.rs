@@ -11,10 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Mutex, OnceLock,
+};
+
 use forwarder::{
-    kube_source::{watch_kubernetes, WatchOptions, LABEL_SELECTOR},
+    kube_source::{watch_kubernetes_counted, WatchCounters, WatchOptions, LABEL_SELECTOR},
     model::{NodeContext, Protocol},
     plan::{self, Snapshot},
+    skips::{SkipLog, SkipReason},
     source::ObjectSet,
     translate::{translate_with, ServiceSelection},
 };
@@ -126,6 +132,43 @@ impl Call {
 
     fn expect_list(&self) {
         assert!(!self.watch, "{} list expected, got a watch", self.kind);
+    }
+
+    /// A list not older than `resource_version` (client-go's relist).
+    fn expect_list_not_older_than(&self, resource_version: &str) {
+        self.expect_list();
+        assert_eq!(
+            (
+                self.resource_version(),
+                self.query.get("resourceVersionMatch").map(String::as_str)
+            ),
+            (Some(resource_version), Some("NotOlderThan")),
+            "{} relist",
+            self.kind
+        );
+    }
+
+    /// A consistent read: no resourceVersion at all.
+    fn expect_consistent_list(&self) {
+        self.expect_list();
+        assert_eq!(self.resource_version(), None, "{} list", self.kind);
+        assert!(
+            !self.query.contains_key("resourceVersionMatch"),
+            "{:?}",
+            self.query
+        );
+    }
+
+    /// Answers with an API error (a `Status` object).
+    fn status(self, code: u16, reason: &str, message: &str) {
+        let body = json!({
+            "apiVersion": "v1", "kind": "Status", "metadata": {},
+            "status": "Failure", "reason": reason, "code": code, "message": message,
+        });
+        self.respond.send_response(json_response(
+            StatusCode::from_u16(code).expect("status code"),
+            &body,
+        ));
     }
 
     fn expect_watch_from(&self, resource_version: &str) {
@@ -316,10 +359,12 @@ fn gone() -> Value {
 
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
-/// What the maps would hold: translate + plan onto the previous state.
+/// What the maps would hold: translate + plan onto the previous state; the
+/// skipped Services logged as the daemon logs them.
 #[derive(Default)]
 struct Maps {
     snapshot: Snapshot,
+    skips: SkipLog,
 }
 
 impl Maps {
@@ -336,6 +381,7 @@ impl Maps {
         );
         let ops = plan::plan(&t.desired, &self.snapshot).expect("plan");
         self.snapshot = plan::apply_to_snapshot(&self.snapshot, &ops);
+        self.skips.update(&t.skipped);
     }
 
     /// `addr:port/proto -> backend, backend` per frontend, sorted.
@@ -433,11 +479,25 @@ impl Daemon {
     }
 }
 
+/// Counters of one test's source (the tests run in parallel).
+fn new_counters() -> &'static WatchCounters {
+    let counter = || -> &'static AtomicU64 { Box::leak(Box::new(AtomicU64::new(0))) };
+    Box::leak(Box::new(WatchCounters {
+        events: counter(),
+        errors: counter(),
+        relists: counter(),
+    }))
+}
+
 fn start(options: WatchOptions) -> (ApiServer, Daemon) {
+    start_counted(options, new_counters())
+}
+
+fn start_counted(options: WatchOptions, counters: &'static WatchCounters) -> (ApiServer, Daemon) {
     let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<ResponseBody>>();
     let client = kube::Client::new(service, "default");
     let (tx, rx) = watch::channel(None);
-    let task = tokio::spawn(watch_kubernetes(client, tx, options));
+    let task = tokio::spawn(watch_kubernetes_counted(client, tx, options, counters));
     (
         ApiServer {
             handle,
@@ -563,10 +623,11 @@ async fn gone_relists_and_keeps_the_state_until_the_new_list() {
     let (services, _slices) = initial_sync(&mut api, &mut daemon).await;
     let generation = daemon.generation();
 
-    // 410 Gone: the resourceVersion is too old; the watcher relists.
+    // 410 Gone: the resourceVersion is too old; the watcher relists, not
+    // older than what it has seen.
     services.send(gone());
     let relist = api.next(Kind::Services).await;
-    relist.expect_list();
+    relist.expect_list_not_older_than("100");
     // Until the relist completes, nothing changes.
     daemon.nothing_published(Duration::from_millis(200)).await;
     assert_eq!(daemon.generation(), generation);
@@ -596,7 +657,8 @@ async fn gone_relists_and_keeps_the_state_until_the_new_list() {
 
 #[tokio::test]
 async fn a_dropped_connection_backs_off_and_resumes_where_it_was() {
-    let (mut api, mut daemon) = start(OPTIONS);
+    let counters = new_counters();
+    let (mut api, mut daemon) = start_counted(OPTIONS, counters);
     let (services, slices) = initial_sync(&mut api, &mut daemon).await;
     services.send(event("ADDED", service("api", "101", 30081)));
     slices.send(event("ADDED", slice("api", "201", &["10.244.2.6"])));
@@ -608,8 +670,7 @@ async fn a_dropped_connection_backs_off_and_resumes_where_it_was() {
     let generation = daemon.generation();
 
     // The connection drops mid-watch, then the API server is unreachable.
-    let errors_before =
-        forwarder::kube_source::WATCH_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+    let errors_before = counters.errors.load(Ordering::Relaxed);
     let dropped = Instant::now();
     services.break_connection();
     let again = api.next(Kind::Services).await;
@@ -627,12 +688,11 @@ async fn a_dropped_connection_backs_off_and_resumes_where_it_was() {
     );
     // Meanwhile the last state stays, and nothing is published.
     assert_eq!(daemon.generation(), generation);
-    // The failures are counted for the metrics (other tests may add theirs).
-    let errors = forwarder::kube_source::WATCH_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        errors >= errors_before + 2,
-        "watch errors {errors_before} -> {errors}"
-    );
+    // The failures are counted for the metrics: the broken connection and
+    // the two refused ones.
+    let errors = counters.errors.load(Ordering::Relaxed);
+    assert_eq!(errors, errors_before + 3, "watch errors");
+    assert_eq!(counters.relists.load(Ordering::Relaxed), 0);
     assert_eq!(daemon.maps.render(), want);
 
     // Back: it resumes from the last resourceVersion (no relist) and
@@ -748,5 +808,263 @@ async fn a_burst_of_changes_becomes_a_few_publications() {
     assert!(
         publications <= bound,
         "{publications} publications in {elapsed:?}"
+    );
+}
+
+/// A lagging API server cache after a 410: a list at resourceVersion 0
+/// could be served from a cache that still holds a Service deleted since,
+/// and would program it again. The relist asks for a state not older than
+/// the last version seen; if the API server cannot serve that, a
+/// consistent read. Neither is a watch error.
+#[tokio::test]
+async fn a_relist_after_gone_is_not_older_than_what_was_seen() {
+    let counters = new_counters();
+    let (mut api, mut daemon) = start_counted(OPTIONS, counters);
+    let (services, _slices) = initial_sync(&mut api, &mut daemon).await;
+    services.send(event("ADDED", service("api", "120", 30081)));
+    services.send(event("DELETED", service("web", "150", 30080)));
+    daemon.converge(&[]).await;
+    let errors = counters.errors.load(Ordering::Relaxed);
+
+    services.send(gone());
+    let relist = api.next(Kind::Services).await;
+    // Not "0": a cache lagging behind 150 could still list web.
+    relist.expect_list_not_older_than("150");
+    relist.list("5000", vec![service("api", "120", 30081)]);
+    let set = daemon.converge(&[]).await;
+    assert_eq!(set.services.len(), 1, "web stays deleted");
+    let rewatch = api.next(Kind::Services).await;
+    rewatch.expect_watch_from("5000");
+    let services = rewatch.stream();
+    services.send(event("ADDED", service("web", "5001", 30080)));
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.2.5:8080"])
+        .await;
+
+    // Expired again, and the API server cannot serve "not older than 5001"
+    // (compacted, or its cache is behind): a consistent read, at once.
+    services.send(gone());
+    let relist = api.next(Kind::Services).await;
+    relist.expect_list_not_older_than("5001");
+    let refused = Instant::now();
+    relist.status(410, "Expired", "too old resource version: 5001 (6000)");
+    let relist = api.next(Kind::Services).await;
+    assert!(
+        refused.elapsed() < OPTIONS.backoff_min,
+        "the fallback waited {:?}",
+        refused.elapsed()
+    );
+    relist.expect_consistent_list();
+    relist.list("6000", vec![service("api", "120", 30081)]);
+    daemon.converge(&[]).await;
+    api.next(Kind::Services).await.expect_watch_from("6000");
+
+    assert_eq!(counters.errors.load(Ordering::Relaxed), errors, "no errors");
+    assert_eq!(counters.relists.load(Ordering::Relaxed), 3);
+}
+
+/// A routine 410 right after an outage: it relists at once, not after the
+/// backoff the outage built up, and is not counted as an error. A watch
+/// that expires again without any event is not routine and is backed off
+/// (no tight list-watch loop against a misbehaving API server).
+#[tokio::test]
+async fn a_routine_gone_after_an_outage_relists_at_once_and_is_no_error() {
+    let options = WatchOptions {
+        backoff_max: Duration::from_millis(1600),
+        ..OPTIONS
+    };
+    let counters = new_counters();
+    let (mut api, mut daemon) = start_counted(options.clone(), counters);
+    let (services, _slices) = initial_sync(&mut api, &mut daemon).await;
+
+    // The outage: a broken watch and three refused connections (backoff
+    // 100, 200, 400, 800 ms: the next failure would wait 1.6 s or more).
+    services.send(event("ADDED", service("api", "300", 30081)));
+    services.break_connection();
+    for _ in 0..3 {
+        let again = api.next(Kind::Services).await;
+        again.expect_watch_from("300");
+        again.fail();
+    }
+    // Back, but the watch window has moved on: the resumed watch expires
+    // at once, which is routine.
+    let again = api.next(Kind::Services).await;
+    again.expect_watch_from("300");
+    let errors = counters.errors.load(Ordering::Relaxed);
+    assert_eq!(errors, 4);
+    let expired = Instant::now();
+    again.events(&[gone()]);
+    let relist = api.next(Kind::Services).await;
+    let waited = expired.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "relisted after {waited:?}: the 410 went through the failure backoff"
+    );
+    relist.expect_list_not_older_than("300");
+    assert_eq!(
+        counters.errors.load(Ordering::Relaxed),
+        errors,
+        "not an error"
+    );
+    assert_eq!(counters.relists.load(Ordering::Relaxed), 1);
+    relist.list(
+        "400",
+        vec![service("web", "90", 30080), service("api", "300", 30081)],
+    );
+    let rewatch = api.next(Kind::Services).await;
+    rewatch.expect_watch_from("400");
+    let services = rewatch.stream();
+
+    // Expired again before any event: backed off, and an error.
+    let expired = Instant::now();
+    services.send(gone());
+    let relist = api.next(Kind::Services).await;
+    let waited = expired.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "a repeated 410 was relisted after {waited:?}, without backoff"
+    );
+    relist.expect_list_not_older_than("400");
+    assert_eq!(counters.errors.load(Ordering::Relaxed), errors + 1);
+    relist.list("500", vec![service("web", "90", 30080)]);
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.2.5:8080"])
+        .await;
+}
+
+/// Log records of this test binary (the tests run in parallel: each looks
+/// for its own namespace).
+struct CapturedLogs(Mutex<Vec<(log::Level, String)>>);
+
+impl log::Log for CapturedLogs {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((record.level(), record.args().to_string()));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn captured_logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<&'static CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static CapturedLogs = Box::leak(Box::new(CapturedLogs(Mutex::new(Vec::new()))));
+        log::set_logger(logs).expect("the only logger of this test binary");
+        log::set_max_level(log::LevelFilter::Info);
+        logs
+    })
+}
+
+/// INFO lines that name a Service of namespace `namespace`.
+fn info_lines_about(namespace: &str) -> Vec<String> {
+    let needle = format!("{namespace}/");
+    captured_logs()
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(level, line)| *level == log::Level::Info && line.contains(&needle))
+        .map(|(_, line)| line.clone())
+        .collect()
+}
+
+/// 200 Services without endpoints, then five changes to another Service's
+/// slice: each is logged once (it used to be 200 lines per reconcile),
+/// again only when its reason changes, and counted by reason.
+#[tokio::test]
+async fn a_skipped_service_is_logged_once_until_its_reason_changes() {
+    captured_logs();
+    let (mut api, mut daemon) = start(OPTIONS);
+    let quiet: Vec<Value> = (0..200)
+        .map(|i| {
+            let mut s = service(&format!("idle-{i}"), "10", 31000 + i);
+            s["metadata"]["namespace"] = json!("quiet");
+            s
+        })
+        .collect();
+    let mut items = quiet.clone();
+    items.push(service("web", "90", 30080));
+    api.next(Kind::Services).await.list("100", items);
+    api.next(Kind::Slices)
+        .await
+        .list("200", vec![slice("web", "190", &["10.244.2.5"])]);
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.2.5:8080"])
+        .await;
+    let lines = info_lines_about("quiet");
+    assert_eq!(
+        lines.len(),
+        200,
+        "one line per Service: {:?}",
+        &lines[..3.min(lines.len())]
+    );
+    assert!(
+        lines[0].contains("no ready or terminating endpoints"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        daemon.maps.skips.counts().get(&SkipReason::NoEndpoints),
+        Some(&200)
+    );
+
+    let services = api.next(Kind::Services).await;
+    services.expect_watch_from("100");
+    let services = services.stream();
+    let slices = api.next(Kind::Slices).await;
+    slices.expect_watch_from("200");
+    let slices = slices.stream();
+    // Five changes to web's slice, each programmed on its own.
+    for i in 0..5u8 {
+        let backend = format!("10.244.3.{}", i + 1);
+        slices.send(event(
+            "MODIFIED",
+            slice(
+                "web",
+                &(201 + u32::from(i)).to_string(),
+                &["10.244.2.5", &backend],
+            ),
+        ));
+        daemon
+            .converge(&[&format!(
+                "192.0.2.1:30080/TCP -> 10.244.2.5:8080, {backend}:8080"
+            )])
+            .await;
+    }
+    assert_eq!(info_lines_about("quiet").len(), 200, "nothing new to say");
+
+    // One of them is opted out: its reason changed, one line.
+    let mut opted_out = quiet[7].clone();
+    opted_out["metadata"]["resourceVersion"] = json!("300");
+    opted_out["metadata"]["annotations"] = json!({"forwarder.dev/accelerate": "false"});
+    services.send(event("MODIFIED", opted_out));
+    let deadline = Instant::now() + PATIENCE;
+    while daemon.maps.skips.counts().get(&SkipReason::OptedOut) != Some(&1) {
+        assert!(Instant::now() < deadline, "the opt-out was not translated");
+        let _ = timeout(Duration::from_millis(100), daemon.rx.changed()).await;
+        let set = daemon.rx.borrow_and_update().clone().expect("a set");
+        if daemon.last.as_ref().map(|l| l.generation) != Some(set.generation) {
+            daemon.maps.program(&set);
+            daemon.last = Some(set);
+        }
+    }
+    let lines = info_lines_about("quiet");
+    assert_eq!(lines.len(), 201, "{:?}", &lines[200..]);
+    assert!(
+        lines[200].contains("quiet/idle-7") && lines[200].contains("\"false\""),
+        "{}",
+        lines[200]
+    );
+    assert_eq!(
+        daemon.maps.skips.counts().get(&SkipReason::NoEndpoints),
+        Some(&199)
     );
 }

@@ -5,18 +5,21 @@
 //! - `build`: setup, then build the daemon and the integration-test binaries.
 //! - `test`: setup, build, lint, unit tests, integration tests and a quick
 //!   benchmark into a temporary directory (root).
+//! - `image [--name N] [--tag T] [--out FILE]`: setup, then the daemon as a
+//!   reproducible OCI image (oci-archive) under `target/image/`.
 //! - `demo`: setup, build, then run the NodePort demo (root).
 //! - `bench [--quick] [--out DIR]`: setup, build, then the benchmark against
 //!   kube-proxy's iptables rules; the report goes to `bench/` (root).
 
 mod cmd;
+mod image;
 mod llvm;
 mod setup;
 mod tasks;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -50,6 +53,23 @@ enum Task {
         /// Passed to the integration test run (e.g. test name filters).
         #[arg(last = true)]
         integration_args: Vec<String>,
+    },
+    /// Setup, then build the daemon as a static binary (musl) and write it as
+    /// a reproducible OCI image: an oci-archive under target/image/.
+    Image {
+        /// Repository part of the image name.
+        #[arg(long, default_value = image::DEFAULT_NAME)]
+        name: String,
+        /// Tag (default: the forwarder crate's version).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Where to write the archive (default: target/image/forwarder-<tag>.tar).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// The org.opencontainers.image.source label (default: the git
+        /// remote `origin`).
+        #[arg(long, value_name = "URL")]
+        source: Option<String>,
     },
     /// Setup, build, then run the istio-ingressgateway NodePort demo in
     /// network namespaces; exits with the demo's exit code. Needs root.
@@ -89,6 +109,32 @@ fn run(task: Task) -> Result<ExitCode> {
             no_lint,
             integration_args,
         })?,
+        Task::Image {
+            name,
+            tag,
+            out,
+            source,
+        } => {
+            let paths = tasks::paths()?;
+            setup::setup()?;
+            let out = match out {
+                Some(p) if p.is_relative() => Some(
+                    std::env::current_dir()
+                        .context("current directory")?
+                        .join(p),
+                ),
+                other => other,
+            };
+            image::image(
+                &paths,
+                &image::ImageOptions {
+                    name,
+                    tag,
+                    out,
+                    source,
+                },
+            )?;
+        }
         Task::Demo { args } => return tasks::demo(&args),
         Task::Bench { quick, out, args } => tasks::bench(quick, out, &args)?,
     }

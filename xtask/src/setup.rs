@@ -384,6 +384,29 @@ const PACKAGES: &[Package] = &[
         binary: "curl",
         optional: false,
     },
+    // `cargo xtask image`: the C compiler for the musl target, and the tools
+    // its tests inspect and unpack the image with.
+    Package {
+        name: "musl-tools",
+        binary: "musl-gcc",
+        optional: false,
+    },
+    Package {
+        name: "skopeo",
+        binary: "skopeo",
+        optional: false,
+    },
+    Package {
+        name: "umoci",
+        binary: "umoci",
+        optional: false,
+    },
+    // forwarder/tests/deploy.rs renders deploy/ with `kubectl kustomize`.
+    Package {
+        name: "kubectl",
+        binary: "kubectl",
+        optional: false,
+    },
     Package {
         name: "tcpdump",
         binary: "tcpdump",

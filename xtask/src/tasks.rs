@@ -1,4 +1,4 @@
-//! `build`, `test`, `demo` and `bench`.
+//! `build`, `test`, `demo` and `bench` (`image` is in image.rs).
 
 use std::{
     os::unix::process::ExitStatusExt as _,
@@ -11,14 +11,19 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
     cmd::{self, say, Interrupted},
+    image,
     setup::{self, NIGHTLY},
 };
 
 /// Where the workspace and its release artifacts are.
 pub struct Paths {
     pub workspace: PathBuf,
+    /// The target directory, absolute.
+    pub target: PathBuf,
     /// `<target dir>/release`, absolute.
     pub release: PathBuf,
+    /// The forwarder crate's version (the image's default tag).
+    pub forwarder_version: String,
 }
 
 impl Paths {
@@ -33,10 +38,16 @@ impl Paths {
         cmd
     }
 
+    /// The image `cargo xtask image` writes by default.
+    pub fn image_archive(&self) -> PathBuf {
+        image::default_archive(&self.target, &self.forwarder_version)
+    }
+
     /// The environment the integration tests and the demo find binaries by.
     fn binary_env(&self, cmd: &mut Command) {
         cmd.env("FORWARDER_BIN", self.forwarder_bin())
-            .env("FORWARDER_TARGET_DIR", &self.release);
+            .env("FORWARDER_TARGET_DIR", &self.release)
+            .env("FORWARDER_IMAGE", self.image_archive());
     }
 }
 
@@ -67,16 +78,34 @@ pub fn target_dir_from_metadata(metadata: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("`cargo metadata` output has no target_directory"))
 }
 
+/// The version of package `name` from `cargo metadata`.
+pub fn package_version_from_metadata(metadata: &str, name: &str) -> Result<String> {
+    let value: serde_json::Value =
+        serde_json::from_str(metadata).context("`cargo metadata` printed invalid JSON")?;
+    value
+        .get("packages")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|p| p.get("name").and_then(serde_json::Value::as_str) == Some(name))
+        .and_then(|p| p.get("version").and_then(serde_json::Value::as_str))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("`cargo metadata` lists no package {name} with a version"))
+}
+
 pub fn paths() -> Result<Paths> {
     let workspace = workspace_root()?;
     let mut metadata = cmd::cargo();
     metadata
         .current_dir(&workspace)
         .args(["metadata", "--format-version", "1", "--no-deps"]);
-    let target = target_dir_from_metadata(&cmd::output(&mut metadata)?)?;
+    let metadata = cmd::output(&mut metadata)?;
+    let target = target_dir_from_metadata(&metadata)?;
     Ok(Paths {
         workspace,
         release: target.join("release"),
+        target,
+        forwarder_version: package_version_from_metadata(&metadata, "forwarder")?,
     })
 }
 
@@ -177,6 +206,23 @@ pub fn test(options: &TestOptions) -> Result<()> {
     let steps = vec![
         step("setup", true, Box::new(setup::setup)),
         step("build", true, Box::new(|| build(p))),
+        // Before the integration tests, which check it (tests/tests/image.rs).
+        step(
+            "image",
+            false,
+            Box::new(|| {
+                image::image(
+                    p,
+                    &image::ImageOptions {
+                        name: image::DEFAULT_NAME.into(),
+                        tag: None,
+                        out: None,
+                        source: None,
+                    },
+                )
+                .map(drop)
+            }),
+        ),
         lint(
             "rustfmt",
             false,
@@ -440,6 +486,18 @@ mod tests {
         assert!(target_dir_from_metadata("{}").is_err());
         assert!(target_dir_from_metadata("not json").is_err());
         assert!(target_dir_from_metadata(r#"{"target_directory":3}"#).is_err());
+    }
+
+    #[test]
+    fn metadata_package_version() {
+        let json = r#"{"packages":[{"name":"xtask","version":"0.1.0"},
+            {"name":"forwarder","version":"1.2.3"}],"target_directory":"/t"}"#;
+        assert_eq!(
+            package_version_from_metadata(json, "forwarder").unwrap(),
+            "1.2.3"
+        );
+        assert!(package_version_from_metadata(json, "other").is_err());
+        assert!(package_version_from_metadata("{}", "forwarder").is_err());
     }
 
     #[test]
