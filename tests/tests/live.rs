@@ -387,10 +387,26 @@ fn affinity() -> Result<()> {
                 "after {leaving} left, client {ns} reached {pods_seen:?}"
             );
         }
-        let stats = daemon.stats_json()?;
+        // Expiry: the timeout (4 s) counts from a client's last new
+        // connection; past it, its next connection is chosen afresh (no
+        // affinity hit), and the one after that sticks again.
+        let hits = |d: &Daemon| -> Result<u64> {
+            Ok(d.stats_json()?["reasons"]["affinity_hit"]
+                .as_u64()
+                .unwrap_or(0))
+        };
+        let ns = cluster.client_ns().to_string();
+        thread::sleep(Duration::from_millis(4500));
+        let before = hits(&daemon)?;
+        pods_of(&cluster, &ns, 1)?;
         ensure!(
-            stats.to_string().contains("affinity_hit"),
-            "no affinity counter in stats: {stats}"
+            hits(&daemon)? == before,
+            "an expired affinity still chose the backend"
+        );
+        pods_of(&cluster, &ns, 1)?;
+        ensure!(
+            hits(&daemon)? == before + 1,
+            "the renewed affinity was not used"
         );
         Ok(())
     })();
@@ -438,6 +454,8 @@ fn extra_clients(cluster: &Cluster, n: usize) -> Result<Vec<netns::Netns>> {
         ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["link", "set", "lo", "up"])?;
+        // Complete checksums, as on a wire (like the cluster's own client).
+        netns::set_offload_in(ns.name(), "eth0", netns::Offload::TxChecksum, false)?;
         out.push(ns);
     }
     Ok(out)
