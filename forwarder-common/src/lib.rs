@@ -507,6 +507,7 @@ reasons! {
     PassStaleReply = "pass_stale_reply": "passed: reply to a flow that has expired",
     PassNotSyn = "pass_not_syn": "passed: TCP packet of an untracked flow that is not a SYN (kube-proxy's flow, or nobody's)",
     PassDraining = "pass_draining": "passed: the forwarder is draining, new flows go to kube-proxy",
+    PassKernelFlow = "pass_kernel_flow": "passed: nf_conntrack already tracks this SYN's connection (kube-proxy's)",
     PassWrongDevice = "pass_wrong_device": "passed: a flow's packet on a device its packets do not come in on",
     PassIcmp = "pass_icmp": "passed: ICMP that quotes no flow of ours (the kernel's)",
     XdpIcmpFragNeeded = "xdp_icmp_frag_needed": "answered by XDP with ICMP fragmentation needed (the route's MTU is smaller)",

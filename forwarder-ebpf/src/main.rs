@@ -12,6 +12,7 @@
 mod conntrack;
 mod fib;
 mod icmp;
+mod kernel_ct;
 mod maps;
 mod nat;
 mod parse;

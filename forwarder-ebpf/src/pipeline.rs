@@ -11,6 +11,7 @@ use crate::{
     conntrack::{self, NewFlow, Translation},
     fib::{self, Fib, FibQuery, Route},
     icmp::IcmpRewrite,
+    kernel_ct::{self, CtOpts, Hook, SockTupleV4},
     maps::CONFIG,
     parse::{ipv4_csum_ok, Headers},
     select,
@@ -39,6 +40,9 @@ pub struct Plan {
     pub now: u64,
     /// The tuple the route is looked up for.
     pub query: FibQuery,
+    /// Room for the nf_conntrack lookup's arguments.
+    pub ct_tuple: SockTupleV4,
+    pub ct_opts: CtOpts,
 }
 
 /// Per-CPU room for the plan: the hooks' stacks (512 bytes) cannot hold it
@@ -67,6 +71,7 @@ fn config() -> Result<&'static Config, Reason> {
 #[inline(always)]
 pub fn plan(
     ctx: *mut c_void,
+    hook: Hook,
     data: usize,
     data_end: usize,
     ingress_ifindex: u32,
@@ -76,7 +81,7 @@ pub fn plan(
 ) -> Result<(), Reason> {
     let h = out.h;
     let h = &h;
-    choose(h, ingress_ifindex, ingress, out)?;
+    choose(ctx, hook, h, ingress_ifindex, ingress, out)?;
     // Only now, for packets that are ours: the kernel would drop a header
     // whose checksum fails, so we leave it to do so.
     if !ipv4_csum_ok(data, data_end, h) {
@@ -95,6 +100,8 @@ pub fn plan(
 /// its route is looked up for.
 #[inline(always)]
 fn choose(
+    ctx: *mut c_void,
+    hook: Hook,
     h: &Headers,
     ingress_ifindex: u32,
     ingress: &IfaceInfo,
@@ -158,6 +165,11 @@ fn choose(
     }
     if cfg.flags & CONFIG_F_DRAINING != 0 {
         return Err(Reason::PassDraining);
+    }
+    if h.proto == IPPROTO_TCP
+        && kernel_ct::tracks(ctx, hook, h, &mut out.ct_tuple, &mut out.ct_opts)
+    {
+        return Err(Reason::PassKernelFlow);
     }
     let selected = select::select_backend(h, &fe, now)?;
     let be = selected.be;

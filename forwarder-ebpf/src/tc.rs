@@ -15,6 +15,7 @@ use crate::{
     conntrack::Translation,
     fib::Fib,
     icmp::{self, TcBytes},
+    kernel_ct::Hook,
     maps::IFACES,
     nat,
     parse::{self, MAX_HEADERS_LEN},
@@ -118,6 +119,7 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
     // GSO segments for a GRO/TSO super-packet.
     pipeline::plan(
         ctx.as_ptr(),
+        Hook::Tc,
         data,
         data_end,
         ingress_ifindex,

@@ -13,6 +13,7 @@ use crate::{
     conntrack::Translation,
     fib::Fib,
     icmp::{self, XdpBytes},
+    kernel_ct::Hook,
     maps::IFACES,
     nat, parse, pipeline, stats,
     verdict::{Action, Verdict},
@@ -89,6 +90,7 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
     let tot_len = p.h.ip_len;
     pipeline::plan(
         ctx.as_ptr(),
+        Hook::Xdp,
         data,
         data_end,
         ingress_ifindex,

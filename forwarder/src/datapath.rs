@@ -354,9 +354,21 @@ impl Datapath {
             0
         };
         loader.override_global(aya_log::LEVEL, &ebpf_log_level, true);
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .map_err(explain_load_error)?;
+        let (object, kfuncs) = crate::kfuncs::prepared_object()?;
+        let missing: Vec<&str> = kfuncs
+            .iter()
+            .filter(|(_, found)| !**found)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if missing.is_empty() {
+            info!("nf_conntrack lookups: available (a SYN of a connection the kernel tracks stays with kube-proxy)");
+        } else {
+            warn!(
+                "this kernel lacks {}: no nf_conntrack lookups; flows kube-proxy already carries stay with it only by their packets (the forwarder takes nothing but a new SYN)",
+                missing.join(", ")
+            );
+        }
+        let mut ebpf = loader.load(&object).map_err(explain_load_error)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),

@@ -7,6 +7,7 @@
 pub mod daemon;
 pub mod datapath;
 pub mod inspect;
+pub mod kfuncs;
 pub mod kube_source;
 pub mod manifest;
 pub mod maps;
@@ -19,5 +20,7 @@ pub mod source;
 pub mod stats;
 pub mod translate;
 
-/// The compiled eBPF object (built by build.rs from forwarder-ebpf).
+/// The compiled eBPF object (built by build.rs from forwarder-ebpf), as
+/// built: load [`kfuncs::prepared_object`] instead, which resolves its kfunc
+/// calls for the running kernel.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

@@ -11,7 +11,8 @@ use aya::{
 use forwarder_common::program_names;
 
 fn main() -> Result<()> {
-    let mut ebpf = Ebpf::load(forwarder::EBPF_OBJECT).context("loading the eBPF object")?;
+    let mut ebpf =
+        Ebpf::load(&forwarder::kfuncs::prepared_object()?.0).context("loading the eBPF object")?;
     let start = Instant::now();
     let xdp: &mut Xdp = ebpf
         .program_mut(program_names::XDP)

@@ -92,7 +92,8 @@ fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
 impl Rig {
     /// Must run inside the namespace (fib lookups use the caller's).
     fn new(ns: Netns) -> Result<Rig> {
-        let mut ebpf = Ebpf::load(forwarder::EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = Ebpf::load(&forwarder::kfuncs::prepared_object()?.0)
+            .context("loading the eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
         let (eth0, cali) = integration_tests::netns::configure_test_run_node(&mut maps)?;
         maps.config.set(0, Config::default(), 0)?;
@@ -1184,6 +1185,90 @@ fn an_oversize_packet_of_a_flow_is_answered_with_fragmentation_needed() {
         let small = tcp_frame(client, front, 64, false, &[0x5a; 1000]);
         let (v, _) = rig.xdp(rig.eth0, &small)?;
         ensure!(v == XDP_TX);
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// On a kernel without the nf_conntrack kfuncs the loader stubs their calls
+/// out (`forwarder::kfuncs`): the programs must still verify and load.
+#[test]
+fn programs_load_with_the_conntrack_kfuncs_stubbed_out() {
+    skip_unless_netns_capable!();
+    let (object, resolved) = forwarder::kfuncs::resolve(forwarder::EBPF_OBJECT, |_| None).unwrap();
+    assert!(resolved.values().all(|found| !found) && !resolved.is_empty());
+    let mut ebpf = Ebpf::load(&object).expect("loading the stubbed object");
+    let xdp: &mut Xdp = ebpf
+        .program_mut(program_names::XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    xdp.load().expect("XDP verifies without the kfuncs");
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(program_names::TC)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    tc.load().expect("tc verifies without the kfuncs");
+}
+
+/// A SYN of a connection nf_conntrack already tracks (kube-proxy's: a
+/// retransmitted SYN of a handshake that began before the forwarder) is
+/// left to the kernel, in both hooks.
+#[test]
+fn a_syn_the_kernel_already_tracks_stays_the_kernels() {
+    skip_unless_netns_capable!();
+    if std::process::Command::new("conntrack")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("skipped: the conntrack tool is not installed");
+        return;
+    }
+    with_rig(|rig| {
+        let client = (CLIENT, 40170);
+        let front = (NODE, NP_REMOTE_TCP);
+        integration_tests::netns::run_checked(std::process::Command::new("conntrack").args([
+            "-I",
+            "-p",
+            "tcp",
+            "--src",
+            "192.0.2.100",
+            "--dst",
+            "192.0.2.1",
+            "--sport",
+            "40170",
+            "--dport",
+            "31380",
+            "--state",
+            "SYN_SENT",
+            "--timeout",
+            "120",
+        ]))
+        .context("adding a conntrack entry")?;
+        let syn = tcp_frame(client, front, 64, true, &[]);
+        for hook in ["xdp", "tc"] {
+            let before = rig.count(Reason::PassKernelFlow)?;
+            let (v, out) = if hook == "xdp" {
+                rig.xdp(rig.eth0, &syn)?
+            } else {
+                rig.tc(rig.eth0, &syn)?
+            };
+            let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
+            ensure!(v == pass && out == syn, "{hook}: verdict {v}");
+            ensure!(
+                rig.count(Reason::PassKernelFlow)? == before + 1,
+                "{hook}: not counted"
+            );
+        }
+        ensure!(
+            !rig.has_flow(ct_key(client, front, 6)),
+            "the kernel's SYN was tracked"
+        );
+        // Another client's SYN is ours.
+        let (v, _) = rig.xdp(rig.eth0, &tcp_frame((CLIENT, 40171), front, 64, true, &[]))?;
+        ensure!(v == XDP_TX, "a new connection: verdict {v}");
         Ok(())
     })
     .unwrap();

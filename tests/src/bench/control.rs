@@ -41,7 +41,8 @@ fn node() -> NodeContext {
 fn ours(results: &mut Results, n: u64, yaml: &str, updated_yaml: &str) -> Result<()> {
     // Loading the object (the verifier) is the daemon's start-up, not
     // programming: outside the timing.
-    let mut ebpf = aya::Ebpf::load(forwarder::EBPF_OBJECT).context("loading the eBPF object")?;
+    let mut ebpf = aya::Ebpf::load(&forwarder::kfuncs::prepared_object()?.0)
+        .context("loading the eBPF object")?;
     let mut maps = Maps::take(&mut ebpf)?;
     let file = Path::new("services.yaml");
     let t0 = Instant::now();

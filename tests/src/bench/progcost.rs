@@ -178,7 +178,7 @@ impl Rig {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::FRONTENDS, frontends)
             .map_max_entries(map_names::BACKENDS, backends)
-            .load(forwarder::EBPF_OBJECT)
+            .load(&forwarder::kfuncs::prepared_object()?.0)
             .context("loading the forwarder's eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
         let (eth0, _cali) = netns::configure_test_run_node(&mut maps)?;
