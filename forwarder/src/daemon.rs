@@ -161,15 +161,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // in progress, and `forwarder uninstall` then leaves the datapath to it.
     let mut config = Config::default();
     args.conntrack_timeouts.apply(&mut config);
-    if let Some((min, max)) = args.snat_port_range {
-        config.snat_port_min = min;
-        config.snat_port_max = max;
+    let local_range = datapath::local_port_range();
+    let ranges = match args.snat_port_range {
+        Some(range) => vec![range],
+        None => datapath::default_snat_ranges(local_range),
+    };
+    for &(min, max) in &ranges {
+        datapath::check_snat_range(min, max, local_range)?;
     }
-    datapath::check_snat_range(
-        config.snat_port_min,
-        config.snat_port_max,
-        datapath::local_port_range(),
-    )?;
+    match ranges.as_slice() {
+        [] => anyhow::bail!(
+            "no source-NAT ports are left outside net.ipv4.ip_local_port_range and the NodePort range; pick some with --snat-port-range"
+        ),
+        [(min, max)] => (config.snat_port_min, config.snat_port_max) = (*min, *max),
+        [(min, max), (min2, max2), ..] => {
+            (config.snat_port_min, config.snat_port_max) = (*min, *max);
+            (config.snat2_port_min, config.snat2_port_max) = (*min2, *max2);
+        }
+    }
+    info!(
+        "source NAT to remote backends: ports {} ({} per backend)",
+        ranges
+            .iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.snat_ports()
+    );
     let (tx, rx) = watch::channel(None);
     match &args.source {
         SourceArg::Manifests(path) => {

@@ -1246,6 +1246,38 @@ pub fn check_snat_range(min: u16, max: u16, local_range: Option<(u16, u16)>) -> 
     Ok(())
 }
 
+/// kube-apiserver's default --service-node-port-range.
+const NODE_PORTS: (u16, u16) = (30000, 32767);
+/// Source ports below this stay unused (privileged ports carry meaning to
+/// some servers).
+const FIRST_SNAT_PORT: u16 = 1024;
+
+/// The default source-NAT ports: every port from 1024 up that neither the
+/// node's local port range nor the NodePort range uses, as the (at most)
+/// two largest free ranges. With Linux's default local range
+/// (32768-60999) that is 1024-29999 and 61000-65535: 33,512 ports for each
+/// remote backend.
+pub fn default_snat_ranges(local_range: Option<(u16, u16)>) -> Vec<(u16, u16)> {
+    let mut taken = vec![NODE_PORTS];
+    taken.extend(local_range);
+    taken.sort();
+    let mut free: Vec<(u16, u16)> = Vec::new();
+    let mut next: u32 = FIRST_SNAT_PORT as u32;
+    for (lo, hi) in taken {
+        if (lo as u32) > next {
+            free.push((next as u16, lo - 1));
+        }
+        next = next.max(hi as u32 + 1);
+    }
+    if next <= u16::MAX as u32 {
+        free.push((next as u16, u16::MAX));
+    }
+    free.sort_by_key(|(lo, hi)| std::cmp::Reverse(hi - lo));
+    free.truncate(2);
+    free.sort();
+    free
+}
+
 /// net.ipv4.ip_local_port_range of this network namespace.
 pub fn local_port_range() -> Option<(u16, u16)> {
     let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
@@ -1601,6 +1633,27 @@ mod tests {
             missing_capabilities("no such line"),
             vec!["CAP_NET_ADMIN", "CAP_BPF"]
         );
+    }
+
+    #[test]
+    fn default_snat_ranges_take_every_free_port() {
+        assert_eq!(
+            default_snat_ranges(Some((32768, 60999))),
+            vec![(1024, 29999), (61000, 65535)]
+        );
+        // A local range below the NodePorts leaves three gaps: the two largest.
+        assert_eq!(
+            default_snat_ranges(Some((10000, 20000))),
+            vec![(20001, 29999), (32768, 65535)]
+        );
+        assert_eq!(default_snat_ranges(Some((1024, 65535))), vec![]);
+        assert_eq!(
+            default_snat_ranges(None),
+            vec![(1024, 29999), (32768, 65535)]
+        );
+        for (lo, hi) in default_snat_ranges(Some((32768, 60999))) {
+            assert!(check_snat_range(lo, hi, Some((32768, 60999))).is_ok());
+        }
     }
 
     #[test]

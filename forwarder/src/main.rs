@@ -64,7 +64,9 @@ enum Command {
         /// Where the maps are pinned (on a bpffs; mounted if needed).
         #[arg(long, default_value = "/sys/fs/bpf/forwarder")]
         pin_dir: PathBuf,
-        /// Source ports for flows to remote backends, e.g. 61000-65535.
+        /// Source ports for flows to remote backends, e.g. 61000-65535 (default:
+        /// every port from 1024 up outside net.ipv4.ip_local_port_range and
+        /// the NodePort range, in at most two ranges).
         #[arg(long, value_parser = parse_port_range)]
         snat_port_range: Option<(u16, u16)>,
         /// Capacity of the conntrack table (entries; a flow takes two).
@@ -255,7 +257,10 @@ fn real_main(cli: Cli) -> Result<()> {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
             }
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // Two workers: health and metrics keep answering while the
+            // daemon's own loop sweeps or reprograms a large table.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?;
             rt.block_on(daemon::run(RunArgs {
