@@ -15,9 +15,10 @@
 //!
 //! The wire delivers frames to a node at the MTU, as a NIC receives them: TSO
 //! and GSO are off on the lan end of each node's veth (whose transmit feeds
-//! the node's `eth0`), so a TCP super-packet from the client or the other node
-//! is cut into MTU-sized segments there; GRO is on on the node's `eth0`, where
-//! a NIC has it, so the node's stack merges them again. Without this, the
+//! the node's `eth0`), so a TCP super-packet crossing the lan (GRO on the lan
+//! ends merges what a node sends, and br0 forwards the result whole) is cut
+//! into MTU-sized segments there; GRO is on on the node's `eth0`, where a NIC
+//! has it, so the node's stack merges them again. Without this, the
 //! testbed would change with the variant under test: a veth whose peer runs a
 //! native XDP program drops GSO on its side (`veth_fix_features`), so a node
 //! with the forwarder's XDP would receive MTU-sized frames while the same node
