@@ -17,7 +17,10 @@
 //! checks it byte for byte against that stream: 200 `ok <N>`, or 422 with the
 //! first differing byte) and `POST /echo?seed=S` (streams the body back while
 //! it arrives, checking it on the way; a mismatch closes the connection
-//! mid-body). Every UDP datagram is answered with
+//! mid-body). `GET /zeros?size=N` and `PUT /zeros` do the same without
+//! content (zero bytes, unchecked) for throughput measurements; a client
+//! that stops early just closes the connection. Every UDP datagram is
+//! answered with
 //! `<pod-name> <peer ip:port>`. Once both sockets are bound it prints one line
 //! `podserver <name> listening ...` on stdout.
 //!
@@ -301,6 +304,10 @@ enum Body {
         seed: u64,
         len: u64,
     },
+    /// `len` zero bytes, for throughput measurements (nothing to generate).
+    Zeros {
+        len: u64,
+    },
 }
 
 fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
@@ -368,6 +375,28 @@ fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
             }
             continue;
         }
+        if method == "PUT" && path == "/zeros" {
+            // A throughput sink: the body is read and dropped unchecked; a
+            // client that stops early (a timed measurement) just closes.
+            let mut buf = vec![0u8; CHUNK];
+            let mut left = body_len;
+            while left > 0 {
+                let want = left.min(CHUNK as u64) as usize;
+                match reader.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(n) => left -= n as u64,
+                }
+            }
+            let text = format!("ok {body_len}\n");
+            let response = head_of("200 OK", "text/plain", text.len() as u64) + &text;
+            writer
+                .write_all(response.as_bytes())
+                .map_err(|e| format!("writing response: {e}"))?;
+            if close {
+                break;
+            }
+            continue;
+        }
         let reply = if method == "PUT" && path == "/bytes" {
             // An upload, checked byte for byte against the stream of `seed`.
             let seed = query_number(&query, "seed")?;
@@ -421,6 +450,14 @@ fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
                          <h1>{PAGE_TITLE}</h1>\n<p>Served by {name} to {peer}</p>\n</body>\n</html>\n"
                     )),
                 }
+            } else if method == "GET" && path == "/zeros" {
+                Reply {
+                    status: "200 OK",
+                    content_type: "application/octet-stream",
+                    body: Body::Zeros {
+                        len: query_number(&query, "size")?,
+                    },
+                }
             } else if method == "GET" && path == "/bytes" {
                 Reply {
                     status: "200 OK",
@@ -450,6 +487,21 @@ fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
                     .write_all(head_of(reply.status, reply.content_type, len).as_bytes())
                     .and_then(|()| send_pattern(&mut writer, &mut Pattern::new(seed), len))
                     .map_err(|e| format!("writing {len} bytes: {e}"))?;
+            }
+            Body::Zeros { len } => {
+                writer
+                    .write_all(head_of(reply.status, reply.content_type, len).as_bytes())
+                    .map_err(|e| format!("writing the head: {e}"))?;
+                let buf = vec![0u8; CHUNK];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(CHUNK as u64) as usize;
+                    if writer.write_all(&buf[..n]).is_err() {
+                        // The client stopped reading (a timed measurement).
+                        return Ok(());
+                    }
+                    left -= n as u64;
+                }
             }
         }
         if close {
