@@ -426,6 +426,32 @@ pub fn link_stats(ns: &str, iface: &str) -> Result<LinkStats> {
     .with_context(|| format!("reading the counters of {iface} in {ns}"))
 }
 
+/// A counter of `/proc/net/snmp` in namespace `ns`, e.g. (`Tcp`,
+/// `InCsumErrors`): segments the namespace's stack dropped for a bad checksum.
+pub fn snmp_counter(ns: &str, group: &str, name: &str) -> Result<u64> {
+    run_in(ns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp")
+            .context("reading /proc/thread-self/net/snmp")?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no {group} lines in /proc/net/snmp");
+        };
+        let index = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("no {group} counter {name} in /proc/net/snmp"))?;
+        let value = values
+            .split_whitespace()
+            .nth(index)
+            .with_context(|| format!("short {group} values line {values:?}"))?;
+        value
+            .parse()
+            .with_context(|| format!("{group} {name}: bad value {value:?}"))
+    })
+    .with_context(|| format!("in netns {ns}"))
+}
+
 /// A minimal XDP program (`return XDP_PASS;`) loaded with bpf(2) and attached
 /// in native mode to `iface` in namespace `ns` through a BPF link.
 ///

@@ -10,8 +10,10 @@
 //! ```
 //!
 //! The client, node and lan ends are veth pairs; the lan ends are ports of
-//! br0. Transmit checksum offload is off on the client's and nodes' `eth0`, as
-//! on a physical wire where checksums are always complete.
+//! br0. Transmit checksum offload is off on both ends of every one of them
+//! (the client's and nodes' `eth0` and the lan ends), as on a physical wire
+//! where checksums are always complete: a frame with a partial checksum (the
+//! sender's offload left to finish) exists in no NIC's receive ring.
 //!
 //! The wire delivers frames to a node at the MTU, as a NIC receives them: TSO
 //! and GSO are off on the lan end of each node's veth (whose transmit feeds
@@ -213,6 +215,8 @@ pub struct Bulk {
     pub seed: u64,
     /// Bounds every connect, read and write (a stalled transfer fails).
     pub timeout: Duration,
+    /// Bounds each connection as a whole (a crawling transfer fails).
+    pub deadline: Duration,
 }
 
 /// One bulk connection that completed: every byte it received was checked
@@ -447,6 +451,10 @@ impl Cluster {
         netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
         netns::set_offload_in(ns, "eth0", Offload::TxChecksum, false)?;
+        // Complete checksums in both directions, as on a wire: the lan end
+        // re-segments what GRO merged on the lan (below), and with checksum
+        // offload the segments would carry partial checksums into eth0.
+        netns::set_offload_in(&self.lan, lan_end, Offload::TxChecksum, false)?;
         if end == End::Client {
             return Ok(());
         }
@@ -807,6 +815,8 @@ impl Cluster {
                 bulk.seed.to_string(),
                 "--timeout-ms".into(),
                 bulk.timeout.as_millis().to_string(),
+                "--deadline-ms".into(),
+                bulk.deadline.as_millis().to_string(),
             ],
         )?;
         Ok(lines.iter().map(|l| BulkReply::parse(l)).collect())

@@ -16,6 +16,8 @@
 //!   node1's veth must transmit MTU-sized frames only (the testbed models a
 //!   wire, see `topology.rs`).
 //!
+//! No TCP segment may reach the client or a pod with a bad checksum.
+//!
 //! Variants, each its own test: the forwarder alone on node1; the forwarder
 //! next to kube-proxy's complete iptables rules for the same Services; and
 //! kube-proxy's rules alone (what the forwarder must match), the last two
@@ -24,7 +26,8 @@
 //! and next to kube-proxy KUBE-NODEPORTS counts nothing and KUBE-FORWARD
 //! drops nothing as conntrack INVALID.
 //!
-//! Path MTU: node1's route to node2's pods gets `mtu 1400`; an upload through
+//! Path MTU: node1's route to node2's pods gets `mtu 1400` (and node2's eth0
+//! takes no larger frame, so the route is true); an upload through
 //! the nodePort to the pod on node2 must still complete, the client having
 //! learned the smaller MTU toward node1 from an ICMP "fragmentation needed"
 //! (sent by the forwarder's XDP program, or by the kernel and translated by
@@ -67,10 +70,14 @@ const BYTES: u64 = 32 << 20;
 const DOWNLOADS: [usize; 2] = [1 << 20, 8 << 20];
 /// A transfer that stalls this long fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// A connection that has not finished by then fails (a crawling transfer:
+/// the fastest variant moves these bytes in seconds).
+const DEADLINE: Duration = Duration::from_secs(90);
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The largest frame a 1500-byte MTU lets through (no FCS in the counters).
 const MAX_FRAME: u64 = 1514;
-/// Path MTU test: the route MTU toward node2's pods on node1.
+/// Path MTU test: the route MTU toward node2's pods on node1, and node2's
+/// link MTU.
 const ROUTE_MTU: u32 = 1400;
 
 /// One cluster at a time, whatever the test-thread count.
@@ -373,6 +380,7 @@ fn bulk_transfers(tb: &Testbed, target: Target) -> Result<()> {
         bytes: BYTES,
         seed: target.seed(),
         timeout: IO_TIMEOUT,
+        deadline: DEADLINE,
     };
     let start = Instant::now();
     let replies = tb
@@ -433,6 +441,7 @@ fn check_wire_frames(tb: &Testbed) -> Result<()> {
         bytes,
         seed: 7,
         timeout: IO_TIMEOUT,
+        deadline: DEADLINE,
     };
     let replies =
         tb.cluster
@@ -505,6 +514,22 @@ fn check_counters(tb: &Testbed, connections: &[(Target, u64)]) -> Result<()> {
     Ok(())
 }
 
+/// No TCP segment reached the client or a pod with a bad checksum (the
+/// stack drops those silently: the sender retransmits, the transfer only
+/// slows down).
+fn check_checksums(tb: &Testbed) -> Result<()> {
+    let mut namespaces = vec![tb.cluster.client_ns().to_string()];
+    namespaces.extend(tb.cluster.pods().iter().map(|p| p.ns.clone()));
+    for ns in namespaces {
+        let bad = netns::snmp_counter(&ns, "Tcp", "InCsumErrors")?;
+        ensure!(
+            bad == 0,
+            "{bad} TCP segments arrived with a bad checksum in {ns} (Tcp InCsumErrors)"
+        );
+    }
+    Ok(())
+}
+
 fn bulk(variant: Variant) -> Result<()> {
     let targets = [Target::Local, Target::Remote];
     let tb = Testbed::build(variant, &targets)?;
@@ -514,6 +539,7 @@ fn bulk(variant: Variant) -> Result<()> {
             bulk_transfers(&tb, t).with_context(|| format!("bulk transfers to {t:?}"))?;
             curl_downloads(&tb, t).with_context(|| format!("HTTP downloads from {t:?}"))?;
         }
+        check_checksums(&tb)?;
         let per_target = (CONNECTIONS + DOWNLOADS.len()) as u64;
         // The wire check made 2 more connections to the pod on node2.
         check_counters(
@@ -608,6 +634,7 @@ fn path_mtu(variant: Variant) -> Result<()> {
             bytes: 64 << 10,
             seed: 3,
             timeout: IO_TIMEOUT,
+            deadline: DEADLINE,
         };
         let replies = cluster.bulk_from(cluster.client_ns(), &target.base_url(), &warm_up)?;
         check_replies(&tb, target, &replies, 1, (0, 64 << 10)).context("warm-up")?;
@@ -630,6 +657,13 @@ fn path_mtu(variant: Variant) -> Result<()> {
                 &ROUTE_MTU.to_string(),
             ],
         )?;
+        // What the route says is true: node2 takes no larger frame (as
+        // behind a tunnel or a smaller link), so a packet sent on regardless
+        // is lost, not delivered.
+        netns::ip_in(
+            cluster.node_ns(2),
+            &["link", "set", "eth0", "mtu", &ROUTE_MTU.to_string()],
+        )?;
         capture = Some(Capture::start(
             cluster.client_ns(),
             "icmp",
@@ -642,6 +676,7 @@ fn path_mtu(variant: Variant) -> Result<()> {
             bytes,
             seed: 11,
             timeout: Duration::from_secs(10),
+            deadline: DEADLINE,
         };
         let replies = cluster.bulk_from(cluster.client_ns(), &target.base_url(), &upload)?;
         let after = client_route_to_node1(cluster)?;
@@ -662,6 +697,7 @@ fn path_mtu(variant: Variant) -> Result<()> {
                 "the client learned the MTU, yet the forwarder sent no frag-needed"
             );
         }
+        check_checksums(&tb)?;
         // The warm-up and the two uploads.
         check_counters(&tb, &[(target, 3)])
     })();

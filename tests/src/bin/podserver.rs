@@ -5,7 +5,7 @@
 //! podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]
 //! podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]
 //! podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]
-//! podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000]
+//! podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000] [--deadline-ms 120000]
 //! ```
 //!
 //! `serve` answers HTTP/1.1 `GET /productpage` with 200, a small HTML page
@@ -42,7 +42,8 @@
 //! `mixed` alternates `updown` and `echo`. Every received byte is checked.
 //! One line per connection: `OK\t<mode>\t<X-Pod>\t<X-Client>\t<local
 //! addr>\t<bytes sent>\t<bytes received>\t<ms>`, or `ERR\t<mode>\t<error>`
-//! (exit status 1 then). `--timeout-ms` bounds every connect, read and write.
+//! (exit status 1 then). `--timeout-ms` bounds every connect, read and write;
+//! `--deadline-ms` each connection as a whole (a crawling transfer fails).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -84,7 +85,7 @@ fn usage() -> String {
     "usage:\n  podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]\n  \
      podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]\n  \
      podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]\n  \
-     podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000]"
+     podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000] [--deadline-ms 120000]"
         .to_string()
 }
 
@@ -932,7 +933,14 @@ fn bulk_one(url: &Url, mode: BulkMode, seed: u64, len: u64, timeout: Duration) -
 
 fn bulk(args: &[String]) -> Result<ExitCode> {
     let args = Args::parse(args, &[])?;
-    args.check_known(&["connections", "bytes", "seed", "mode", "timeout-ms"])?;
+    args.check_known(&[
+        "connections",
+        "bytes",
+        "seed",
+        "mode",
+        "timeout-ms",
+        "deadline-ms",
+    ])?;
     let [url] = args.positional.as_slice() else {
         return Err(format!("bulk needs one <url>\n{}", usage()));
     };
@@ -949,39 +957,63 @@ fn bulk(args: &[String]) -> Result<ExitCode> {
         "mixed" => vec![BulkMode::UpDown, BulkMode::Echo],
         other => return Err(format!("--mode: unknown mode {other:?}\n{}", usage())),
     };
-    let failed = AtomicUsize::new(0);
-    let out = Mutex::new(std::io::stdout());
-    std::thread::scope(|s| {
-        for i in 0..connections.clamp(1, 64) {
-            let mode = modes[i % modes.len()];
-            let (url, failed, out) = (&url, &failed, &out);
-            s.spawn(move || {
-                let start = std::time::Instant::now();
-                let line = match bulk_one(url, mode, seed.wrapping_add(i as u64), len, timeout) {
-                    Ok(d) => format!(
-                        "OK\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
-                        mode.name(),
-                        d.pod,
-                        d.client,
-                        d.local,
-                        d.sent,
-                        d.received,
-                        start.elapsed().as_millis()
-                    ),
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        format!("ERR\t{}\t{e}", mode.name())
-                    }
-                };
-                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            });
-        }
-    });
-    Ok(if failed.load(Ordering::Relaxed) == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    // A transfer that keeps trickling never trips the per-operation
+    // timeout: the deadline bounds each connection as a whole.
+    let deadline = Duration::from_millis(args.number("deadline-ms", 120_000)?);
+    let url = Arc::new(url);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let connections = connections.clamp(1, 64);
+    for i in 0..connections {
+        let mode = modes[i % modes.len()];
+        let (url, tx) = (Arc::clone(&url), tx.clone());
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let line = match bulk_one(&url, mode, seed.wrapping_add(i as u64), len, timeout) {
+                Ok(d) => Ok(format!(
+                    "OK\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    mode.name(),
+                    d.pod,
+                    d.client,
+                    d.local,
+                    d.sent,
+                    d.received,
+                    start.elapsed().as_millis()
+                )),
+                Err(e) => Err(format!("ERR\t{}\t{e}", mode.name())),
+            };
+            let _ = tx.send((i, line));
+        });
+    }
+    drop(tx);
+    let end = std::time::Instant::now() + deadline;
+    let mut done = vec![false; connections];
+    let mut failed = 0;
+    let mut out = std::io::stdout();
+    while done.iter().any(|d| !d) {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let Ok((i, line)) = rx.recv_timeout(left) else {
+            break;
+        };
+        done[i] = true;
+        let line = line.unwrap_or_else(|e| {
+            failed += 1;
+            e
+        });
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+    for (i, _) in done.iter().enumerate().filter(|(_, d)| !**d) {
+        failed += 1;
+        let _ = writeln!(
+            out,
+            "ERR\t{}\tnot finished within {deadline:?} (stalled or crawling)",
+            modes[i % modes.len()].name()
+        );
+    }
+    let _ = out.flush();
+    if failed > 0 {
+        // Unfinished transfers may still be blocked: do not wait for them.
+        std::process::exit(1);
+    }
+    Ok(ExitCode::SUCCESS)
 }
