@@ -111,7 +111,9 @@ impl DaemonOptions {
             xdp_tx: None,
             extra_args: Vec::new(),
             log_dir: log_dir.to_path_buf(),
-            ready_timeout: Duration::from_secs(20),
+            // Loading and verifying the programs takes seconds, more on a
+            // busy machine.
+            ready_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -421,6 +423,24 @@ impl Daemon {
     /// `forwarder stats --output text`.
     pub fn stats_text(&self) -> Result<String> {
         self.stats_output("text")
+    }
+
+    /// The daemon's pinned maps, opened from the test process. The pin dir
+    /// lives on the bpffs mounted in the anchor's mount namespace; the
+    /// anchor's `/proc/<pid>/root` reaches it without joining that namespace.
+    pub fn maps(&self) -> Result<forwarder::maps::Maps> {
+        let relative = self.pin_dir.strip_prefix("/").unwrap_or(&self.pin_dir);
+        let pin_dir =
+            PathBuf::from(format!("/proc/{}/root", self.anchor.child.id())).join(relative);
+        forwarder::maps::Maps::open_pinned(&pin_dir)
+            .with_context(|| format!("opening the maps pinned in {}", pin_dir.display()))
+    }
+
+    /// Packets of tracked flows the datapath handed to the kernel, by reason
+    /// (only reasons that occurred: empty when every packet of every flow
+    /// stayed on the forwarder's path).
+    pub fn flow_pass_totals(&self) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+        self.maps()?.flow_pass_totals()
     }
 
     /// Whether the pin dir exists (seen from the daemon's mount namespace,

@@ -6,4 +6,5 @@ pub mod bench;
 pub mod daemon;
 pub mod kube_proxy;
 pub mod netns;
+pub mod pattern;
 pub mod topology;

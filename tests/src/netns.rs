@@ -162,6 +162,12 @@ pub enum Offload {
     /// `gro`: on a veth this also enables NAPI on its receive side, which
     /// lets a peer's XDP program transmit into it (XDP_TX / redirect).
     Gro,
+    /// `tso`: TCP segmentation offload (all TSO variants). Off means a TCP
+    /// super-packet sent through the device is cut to MTU-sized segments.
+    Tso,
+    /// `gso`: generic segmentation offload (segmentation in software just
+    /// before the device transmits, for packets it cannot segment itself).
+    Gso,
 }
 
 impl Offload {
@@ -170,6 +176,8 @@ impl Offload {
         match self {
             Offload::TxChecksum => (0x16, 0x17), // ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM
             Offload::Gro => (0x2b, 0x2c),        // ETHTOOL_GGRO, ETHTOOL_SGRO
+            Offload::Tso => (0x1e, 0x1f),        // ETHTOOL_GTSO, ETHTOOL_STSO
+            Offload::Gso => (0x23, 0x24),        // ETHTOOL_GGSO, ETHTOOL_SGSO
         }
     }
 }
@@ -374,6 +382,74 @@ pub fn run_in<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Result
         .join()
         .unwrap_or_else(|_| bail!("thread inside netns {ns} panicked"))
     })
+}
+
+/// The packet and byte counters of a device, as `/proc/net/dev` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+/// [`LinkStats`] of `iface` in namespace `ns`.
+pub fn link_stats(ns: &str, iface: &str) -> Result<LinkStats> {
+    run_in(ns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/dev")
+            .context("reading /proc/thread-self/net/dev")?;
+        for line in text.lines() {
+            let Some((name, rest)) = line.split_once(':') else {
+                continue;
+            };
+            if name.trim() != iface {
+                continue;
+            }
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .map(|v| v.parse())
+                .collect::<std::result::Result<_, _>>()
+                .with_context(|| format!("malformed /proc/net/dev line {line:?}"))?;
+            // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets ...
+            if fields.len() < 10 {
+                bail!("short /proc/net/dev line {line:?}");
+            }
+            return Ok(LinkStats {
+                rx_bytes: fields[0],
+                rx_packets: fields[1],
+                tx_bytes: fields[8],
+                tx_packets: fields[9],
+            });
+        }
+        bail!("no {iface} in /proc/net/dev")
+    })
+    .with_context(|| format!("reading the counters of {iface} in {ns}"))
+}
+
+/// A counter of `/proc/net/snmp` in namespace `ns`, e.g. (`Tcp`,
+/// `InCsumErrors`): segments the namespace's stack dropped for a bad checksum.
+pub fn snmp_counter(ns: &str, group: &str, name: &str) -> Result<u64> {
+    run_in(ns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp")
+            .context("reading /proc/thread-self/net/snmp")?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no {group} lines in /proc/net/snmp");
+        };
+        let index = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("no {group} counter {name} in /proc/net/snmp"))?;
+        let value = values
+            .split_whitespace()
+            .nth(index)
+            .with_context(|| format!("short {group} values line {values:?}"))?;
+        value
+            .parse()
+            .with_context(|| format!("{group} {name}: bad value {value:?}"))
+    })
+    .with_context(|| format!("in netns {ns}"))
 }
 
 /// A minimal XDP program (`return XDP_PASS;`) loaded with bpf(2) and attached

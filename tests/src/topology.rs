@@ -10,8 +10,23 @@
 //! ```
 //!
 //! The client, node and lan ends are veth pairs; the lan ends are ports of
-//! br0. Transmit checksum offload is off on the client's and nodes' `eth0`, as
-//! on a physical wire where checksums are always complete. With `wire_napi`,
+//! br0. Transmit checksum offload is off on both ends of every one of them
+//! (the client's and nodes' `eth0` and the lan ends), as on a physical wire
+//! where checksums are always complete: a frame with a partial checksum (the
+//! sender's offload left to finish) exists in no NIC's receive ring.
+//!
+//! The wire delivers frames to a node at the MTU, as a NIC receives them: TSO
+//! and GSO are off on the lan end of each node's veth (whose transmit feeds
+//! the node's `eth0`), so a TCP super-packet crossing the lan (GRO on the lan
+//! ends merges what a node sends, and br0 forwards the result whole) is cut
+//! into MTU-sized segments there; GRO is on on the node's `eth0`, where a NIC
+//! has it, so the node's stack merges them again. Without this, the
+//! testbed would change with the variant under test: a veth whose peer runs a
+//! native XDP program drops GSO on its side (`veth_fix_features`), so a node
+//! with the forwarder's XDP would receive MTU-sized frames while the same node
+//! without it (kube-proxy's rules alone) would receive 64 KB super-packets.
+//!
+//! With `wire_napi`,
 //! the lan ends of the nodes' veths get GRO (and so NAPI) and a trivial
 //! XDP_PASS program, which lets an XDP program on a node's `eth0` transmit
 //! (XDP_TX / redirect), as a NIC does: a veth drops XDP frames sent to a peer
@@ -160,6 +175,97 @@ impl HttpReply {
     }
 }
 
+/// How `podserver bulk` moves bytes on each connection (see podserver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BulkMode {
+    /// Upload with `PUT /bytes` (the pod checks), then download with
+    /// `GET /bytes` (the client checks), on one connection.
+    UpDown,
+    /// `POST /echo`: both directions at once, the echo checked.
+    Echo,
+    /// Alternately `UpDown` and `Echo`.
+    Mixed,
+    /// Upload only (`PUT /bytes`, checked by the pod).
+    Up,
+    /// Download only (`GET /bytes`, checked by the client).
+    Down,
+}
+
+impl BulkMode {
+    fn arg(self) -> &'static str {
+        match self {
+            BulkMode::UpDown => "updown",
+            BulkMode::Echo => "echo",
+            BulkMode::Mixed => "mixed",
+            BulkMode::Up => "up",
+            BulkMode::Down => "down",
+        }
+    }
+}
+
+/// Parallel bulk transfers with `podserver bulk`.
+#[derive(Clone, Debug)]
+pub struct Bulk {
+    pub mode: BulkMode,
+    /// Connections at once.
+    pub connections: usize,
+    /// Bytes per connection and direction.
+    pub bytes: u64,
+    /// Connection `i` moves the stream of seed `seed + i`.
+    pub seed: u64,
+    /// Bounds every connect, read and write (a stalled transfer fails).
+    pub timeout: Duration,
+    /// Bounds each connection as a whole (a crawling transfer fails).
+    pub deadline: Duration,
+}
+
+/// One bulk connection that completed: every byte it received was checked
+/// (by the pod for an upload, by the client for a download or an echo).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BulkReply {
+    /// `updown`, `echo`, `up` or `down`.
+    pub mode: String,
+    /// `X-Pod`: the pod that served it.
+    pub pod: String,
+    /// `X-Client`: the peer address as the pod saw it (`ip:port`).
+    pub client: String,
+    /// The client's own address of the connection (`ip:port`).
+    pub local: String,
+    pub sent: u64,
+    pub received: u64,
+    pub millis: u64,
+}
+
+impl BulkReply {
+    /// The address part of `X-Client`.
+    pub fn client_ip(&self) -> &str {
+        self.client
+            .rsplit_once(':')
+            .map_or(&self.client, |(ip, _)| ip)
+    }
+
+    fn parse(line: &str) -> std::result::Result<BulkReply, String> {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let number = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|_| format!("bad number {s:?} in {line:?}"))
+        };
+        match fields.as_slice() {
+            ["ERR", rest @ ..] => Err(rest.join(" ")),
+            ["OK", mode, pod, client, local, sent, received, millis] => Ok(BulkReply {
+                mode: mode.to_string(),
+                pod: pod.to_string(),
+                client: client.to_string(),
+                local: local.to_string(),
+                sent: number(sent)?,
+                received: number(received)?,
+                millis: number(millis)?,
+            }),
+            _ => Err(format!("unexpected podserver output {line:?}")),
+        }
+    }
+}
+
 /// One UDP reply: `<pod-name> <peer ip:port>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UdpReply {
@@ -174,6 +280,13 @@ impl UdpReply {
             .rsplit_once(':')
             .map_or(&self.client, |(ip, _)| ip)
     }
+}
+
+/// Which side of the lan a veth connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Client,
+    Node,
 }
 
 /// A podserver process; killed on Drop.
@@ -274,14 +387,14 @@ impl Cluster {
         // The client.
         let client = self.client.clone();
         self.add_ns(&client)?;
-        self.wire(&client, "c0", CLIENT_IP, false)?;
+        self.wire(&client, "c0", CLIENT_IP, End::Client)?;
 
         // The nodes.
         for i in 0..self.nodes.len() {
             let node = self.nodes[i].clone();
             self.add_ns(&node.ns)?;
             let lan_end = format!("n{}", i + 1);
-            self.wire(&node.ns, &lan_end, node.ip, self.options.wire_napi)?;
+            self.wire(&node.ns, &lan_end, node.ip, End::Node)?;
             let ns = self.ns(&node.ns)?;
             ns.sysctl("ipv4.ip_forward", "1")?;
             ns.sysctl("ipv4.conf.all.forwarding", "1")?;
@@ -328,7 +441,7 @@ impl Cluster {
     }
 
     /// Connects `ns`'s `eth0` (with `ip/24`) to br0 through `lan_end`.
-    fn wire(&mut self, ns: &str, lan_end: &str, ip: Ipv4Addr, napi: bool) -> Result<()> {
+    fn wire(&mut self, ns: &str, lan_end: &str, ip: Ipv4Addr, end: End) -> Result<()> {
         netns::run_checked(std::process::Command::new("ip").args([
             "link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", lan_end,
             "netns", &self.lan,
@@ -338,7 +451,20 @@ impl Cluster {
         netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
         netns::set_offload_in(ns, "eth0", Offload::TxChecksum, false)?;
-        if napi {
+        // Complete checksums in both directions, as on a wire: the lan end
+        // re-segments what GRO merged on the lan (below), and with checksum
+        // offload the segments would carry partial checksums into eth0.
+        netns::set_offload_in(&self.lan, lan_end, Offload::TxChecksum, false)?;
+        if end == End::Client {
+            return Ok(());
+        }
+        // Frames at the MTU into the node, merged by GRO on its side, as a
+        // NIC does (see the module doc: otherwise the forwarder's XDP alone
+        // would change the size of what the node receives).
+        netns::set_offload_in(&self.lan, lan_end, Offload::Tso, false)?;
+        netns::set_offload_in(&self.lan, lan_end, Offload::Gso, false)?;
+        netns::set_offload_in(ns, "eth0", Offload::Gro, true)?;
+        if self.options.wire_napi {
             // GRO gives the veth NAPI, which XDP_REDIRECT into it needs; a
             // frame sent with XDP_TX is only flushed promptly to a peer that
             // has an XDP program, hence the XDP_PASS program too.
@@ -665,6 +791,37 @@ impl Cluster {
         Ok(lines.iter().map(|l| HttpReply::parse(l)).collect())
     }
 
+    /// The transfers of `bulk` from namespace `ns` to `base`
+    /// (`http://ip:port`). One entry per connection (Err: what failed, e.g.
+    /// the first wrong byte).
+    pub fn bulk_from(
+        &self,
+        ns: &str,
+        base: &str,
+        bulk: &Bulk,
+    ) -> Result<Vec<std::result::Result<BulkReply, String>>> {
+        let (lines, _) = self.podserver_client(
+            ns,
+            &[
+                "bulk".into(),
+                base.into(),
+                "--mode".into(),
+                bulk.mode.arg().into(),
+                "--connections".into(),
+                bulk.connections.to_string(),
+                "--bytes".into(),
+                bulk.bytes.to_string(),
+                "--seed".into(),
+                bulk.seed.to_string(),
+                "--timeout-ms".into(),
+                bulk.timeout.as_millis().to_string(),
+                "--deadline-ms".into(),
+                bulk.deadline.as_millis().to_string(),
+            ],
+        )?;
+        Ok(lines.iter().map(|l| BulkReply::parse(l)).collect())
+    }
+
     /// `count` datagrams from namespace `ns` to `addr` over one connected
     /// UDP socket; fails unless every one got a reply within 1 s.
     pub fn udp_request_from(
@@ -720,8 +877,21 @@ impl Cluster {
     /// with Service `default/<name>` (NodePort: TCP 80 → 31380 named `http`,
     /// UDP 5353 → 31353 named `dns`) and its EndpointSlice listing `pods`.
     pub fn write_service(&self, name: &str, pods: &[&Pod]) -> Result<PathBuf> {
+        self.write_service_with_node_ports(name, pods, HTTP_NODE_PORT, UDP_NODE_PORT)
+    }
+
+    /// [`Cluster::write_service`] with other nodePorts for `http` and `dns`
+    /// (several Services side by side).
+    pub fn write_service_with_node_ports(
+        &self,
+        name: &str,
+        pods: &[&Pod],
+        http_node_port: u16,
+        udp_node_port: u16,
+    ) -> Result<PathBuf> {
         let path = self.manifests_dir().join(format!("{name}.yaml"));
-        write_atomically(&path, &service_manifest(name, pods))?;
+        let yaml = service_manifest_with_node_ports(name, pods, http_node_port, udp_node_port);
+        write_atomically(&path, &yaml)?;
         Ok(path)
     }
 
@@ -783,6 +953,17 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
 /// 31380 named `http`, UDP 5353 → nodePort 31353 named `dns`) and of its
 /// EndpointSlice with `pods` as ready endpoints (with their nodeName).
 pub fn service_manifest(name: &str, pods: &[&Pod]) -> String {
+    service_manifest_with_node_ports(name, pods, HTTP_NODE_PORT, UDP_NODE_PORT)
+}
+
+/// [`service_manifest`] with nodePorts `http_node_port` (TCP) and
+/// `udp_node_port` (UDP).
+pub fn service_manifest_with_node_ports(
+    name: &str,
+    pods: &[&Pod],
+    http_node_port: u16,
+    udp_node_port: u16,
+) -> String {
     let mut y = String::new();
     let _ = write!(
         y,
@@ -800,12 +981,12 @@ spec:
     protocol: TCP
     port: {HTTP_PORT}
     targetPort: {HTTP_PORT}
-    nodePort: {HTTP_NODE_PORT}
+    nodePort: {http_node_port}
   - name: dns
     protocol: UDP
     port: {UDP_PORT}
     targetPort: {UDP_PORT}
-    nodePort: {UDP_NODE_PORT}
+    nodePort: {udp_node_port}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice

@@ -9,12 +9,15 @@
 //! 3. [`path`]: new-flow cost (every packet a new 5-tuple), F against K.
 //! 4. [`sockets`]: TCP and UDP request/response latency through the nodePort.
 //! 5. [`control`]: time to program N Services, one update, daemon memory.
+//! 7. [`bulk`]: bulk TCP throughput through the nodePort, several flows, on
+//!    the integration tests' wire-like cluster (F, K, C0).
 //!
 //! Every number in the report comes from the run that wrote it: samples are
 //! collected per run, summarised as median and min–max, ratios are taken
 //! within a run.
 
 pub mod bpf;
+pub mod bulk;
 pub mod control;
 pub mod frames;
 pub mod path;
@@ -41,7 +44,7 @@ pub struct Options {
     pub out: PathBuf,
     /// Repetitions of each measurement (median and min–max over these).
     pub runs: usize,
-    /// Only these measurements (1..=6); empty: all.
+    /// Only these measurements (1..=7); empty: all.
     pub only: Vec<u32>,
     /// The command line that produced the report, for the report.
     pub command: String,
@@ -214,7 +217,7 @@ pub fn run(options: &Options) -> Result<Results> {
     let machine = report::machine_info();
     let mut results = Results::default();
     type Measure = fn(&Options, &mut Results) -> Result<()>;
-    let all: [(u32, &str, Measure); 4] = [
+    let all: [(u32, &str, Measure); 5] = [
         (1, "XDP program cost", progcost::run),
         (5, "control plane", control::run),
         (
@@ -223,6 +226,7 @@ pub fn run(options: &Options) -> Result<Results> {
             path::run,
         ),
         (4, "real sockets", sockets::run),
+        (7, "bulk TCP through the nodePort", bulk::run),
     ];
     for (m, name, f) in all {
         let wanted = options.wants(m) || (m == 2 && (options.wants(3) || options.wants(6)));

@@ -54,7 +54,7 @@ pub fn machine_info() -> Value {
     })
 }
 
-const TITLES: [(u32, &str); 6] = [
+const TITLES: [(u32, &str); 7] = [
     (
         1,
         "1. Per-packet cost of the XDP program (BPF_PROG_TEST_RUN)",
@@ -67,6 +67,10 @@ const TITLES: [(u32, &str); 6] = [
     (4, "4. Real sockets through the nodePort"),
     (5, "5. Control plane: programming time and memory"),
     (6, "6. Where the CPU time goes (forwarding CPU per packet)"),
+    (
+        7,
+        "7. Bulk TCP through the nodePort (several flows, wire-like cluster)",
+    ),
 ];
 
 fn fmt_num(v: f64) -> String {
@@ -308,7 +312,7 @@ fn plot(dir: &Path, spec: &PlotSpec, results: &Results) -> Result<bool> {
     Ok(true)
 }
 
-const DESCRIPTIONS: [(u32, &str); 6] = [
+const DESCRIPTIONS: [(u32, &str); 7] = [
     (
         1,
         "`xdp_ingress` of the forwarder's own eBPF object run with BPF_PROG_TEST_RUN inside a \
@@ -383,6 +387,24 @@ const DESCRIPTIONS: [(u32, &str); 6] = [
          other. Everything the node does for a packet (XDP, tc, the stack, delivery into the pod \
          namespace, the pod's tc drop) runs in that thread: its CPU time (schedstat) per \
          delivered packet is the forwarding cost, without the generator's.",
+    ),
+    (
+        7,
+        "The integration tests' two-node cluster (client, lan bridge, node1 and node2, one pod \
+         each): frames reach the nodes at the MTU, as from a NIC (TSO/GSO off on the lan side \
+         of each node's veth), with GRO on the nodes' eth0, the same wire for every variant. \
+         Two Services, one per pod: nodePort 31380 to the pod on node1 (**local**: delivered \
+         into the pod on node1) and 31381 to the pod on node2 (**remote**: source-NATed on \
+         node1 and sent on to node2). The client (this process, in the client namespace) opens \
+         4 TCP connections at once and downloads (`GET /zeros` from `podserver`, pod → client) \
+         or uploads (`PUT /zeros`, client → pod) without content checks; Gbit/s = payload \
+         bytes moved by all 4 together during the measured window (after a ramp-up) / its \
+         length. Variants: **F** the forwarder daemon on node1, **K-legacy / K-nft** \
+         kube-proxy's rules on node1, **C0** plain routing without rules or NAT (the client \
+         routes the pods' addresses via node1, node2 routes the client via node1: the same \
+         hops as the NAT'd variants). ICMP redirects are off on node1 for all. Client, nodes \
+         and pods share the machine's CPUs, so this is the throughput of the whole testbed, \
+         where every variant pays the same endpoint costs.",
     ),
 ];
 

@@ -55,8 +55,8 @@ fn parse(args: &[String]) -> Result<bench::Options> {
                         .trim()
                         .parse()
                         .ok()
-                        .filter(|n| (1..=6).contains(n))
-                        .with_context(|| format!("--only: {part:?} is not a measurement 1..=6"))?;
+                        .filter(|n| (1..=7).contains(n))
+                        .with_context(|| format!("--only: {part:?} is not a measurement 1..=7"))?;
                     options.only.push(n);
                 }
             }
