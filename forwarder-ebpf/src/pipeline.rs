@@ -66,8 +66,6 @@ fn config() -> Result<&'static Config, Reason> {
     CONFIG.get(0).ok_or(Reason::PassNoService)
 }
 
-/// `fib_tot_len`: the length the route's MTU is checked against (XDP: the
-/// packet's; tc: 0, so the kernel checks GSO skbs by their segments).
 #[inline(always)]
 pub fn plan(
     ctx: *mut c_void,
@@ -76,7 +74,6 @@ pub fn plan(
     data_end: usize,
     ingress_ifindex: u32,
     ingress: &IfaceInfo,
-    fib_tot_len: u16,
     out: &mut Plan,
 ) -> Result<(), Reason> {
     let h = out.h;
@@ -89,7 +86,13 @@ pub fn plan(
     }
     out.query.ingress = ingress_ifindex;
     out.query.proto = h.proto;
-    out.query.tot_len = fib_tot_len;
+    // The length the route's MTU is checked against: XDP's frames are the
+    // packets themselves; tc passes 0, so the kernel checks the skb itself,
+    // a GRO/TSO super-packet by its segments.
+    out.query.tot_len = match hook {
+        Hook::Xdp => h.ip_len,
+        Hook::Tc => 0,
+    };
     let (fib, route) = fib::lookup(ctx, &out.query);
     out.fib = fib;
     out.route = route;

@@ -115,8 +115,6 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
     if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
-    // tot_len 0: the kernel checks the skb against the MTU itself, by its
-    // GSO segments for a GRO/TSO super-packet.
     pipeline::plan(
         ctx.as_ptr(),
         Hook::Tc,
@@ -124,7 +122,6 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
         data_end,
         ingress_ifindex,
         &ingress,
-        0,
         p,
     )?;
     // From here on everything is read back from the plan (see `Plan`).

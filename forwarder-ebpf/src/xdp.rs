@@ -87,7 +87,6 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
     if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
-    let tot_len = p.h.ip_len;
     pipeline::plan(
         ctx.as_ptr(),
         Hook::Xdp,
@@ -95,7 +94,6 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
         data_end,
         ingress_ifindex,
         &ingress,
-        tot_len,
         p,
     )?;
     // From here on everything is read back from the plan (see `Plan`).

@@ -65,13 +65,16 @@ fn install_kube_proxy(cluster: &Cluster, pods: &[(&Pod, (bool, bool, bool))]) ->
     install(cluster.node_ns(1), &rules, Backend::Legacy).context("installing kube-proxy's rules")
 }
 
+/// What one connection's requests got.
+type Replies = Vec<std::result::Result<HttpReply, String>>;
+
 /// `LIVE` keep-alive connections from the client, `count` requests each,
 /// one every PACE_MS, while `during` runs; returns each connection's replies.
 fn with_live_connections<T>(
     cluster: &Cluster,
     count: usize,
     during: impl FnOnce() -> Result<T>,
-) -> Result<(T, Vec<Vec<std::result::Result<HttpReply, String>>>)> {
+) -> Result<(T, Vec<Replies>)> {
     let url = cluster.node_url(1);
     thread::scope(|s| {
         let live: Vec<_> = (0..LIVE)
@@ -93,11 +96,7 @@ fn with_live_connections<T>(
 
 /// Every connection answered all `count` requests, each from one pod.
 /// Returns the pod of each connection.
-fn all_survived(
-    what: &str,
-    replies: &[Vec<std::result::Result<HttpReply, String>>],
-    count: usize,
-) -> Result<Vec<String>> {
+fn all_survived(what: &str, replies: &[Replies], count: usize) -> Result<Vec<String>> {
     let mut pods = Vec::new();
     for (i, conn) in replies.iter().enumerate() {
         let failed: Vec<_> = conn.iter().filter_map(|r| r.as_ref().err()).collect();
@@ -330,7 +329,7 @@ fn draining_endpoint(forwarder: bool) -> Result<()> {
     let result = (|| {
         let served = all_survived("connections through the draining endpoint", &replies, count)?;
         ensure!(
-            served.iter().any(|p| *p == leaving.name),
+            served.contains(&leaving.name),
             "no long-lived connection went to {} (served: {served:?}); the test proves nothing",
             leaving.name
         );
