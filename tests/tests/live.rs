@@ -500,3 +500,69 @@ fn a_terminating_then_removed_endpoint_keeps_its_connections_with_kube_proxy_alo
 fn session_affinity_keeps_each_client_on_one_backend() {
     run("affinity", affinity);
 }
+
+/// A UDP flow whose backend leaves the slice moves to a live backend at
+/// once (kube-proxy flushes UDP conntrack entries of removed endpoints, or
+/// the flow would black-hole): one connected socket, every datagram answered.
+fn udp_flow_moves() -> Result<()> {
+    let cluster = Cluster::build(ClusterOptions::default())?;
+    let (pod1, pod2) = (
+        cluster.pod_on("node1")?.clone(),
+        cluster.pod_on("node2")?.clone(),
+    );
+    cluster.write_service(SERVICE, &[&pod2])?;
+    let daemon = cluster.start_forwarder(1, &cluster.daemon_options(1))?;
+    let target = format!("{}:{UDP_NODE_PORT}", NODE_IPS[0]);
+    let podserver = integration_tests::daemon::podserver_bin()?;
+    let podserver = podserver.to_string_lossy().into_owned();
+    let result = (|| -> Result<()> {
+        let lines = thread::scope(|s| -> Result<Vec<String>> {
+            let flow = s.spawn(|| {
+                let args = [
+                    podserver.as_str(),
+                    "udp-request",
+                    &target,
+                    "--count",
+                    "40",
+                    "--interval-ms",
+                    "100",
+                ];
+                netns::exec_in(cluster.client_ns(), &args)
+            });
+            // The flow's backend leaves after a second; another takes over.
+            thread::sleep(Duration::from_millis(1000));
+            cluster.write_service(SERVICE, &[&pod1])?;
+            Ok(flow
+                .join()
+                .map_err(|_| anyhow::anyhow!("the UDP flow's thread panicked"))?
+                .context("the UDP flow lost a datagram")?
+                .lines()
+                .map(str::to_string)
+                .collect())
+        })?;
+        ensure!(
+            lines.len() == 40,
+            "{} replies for 40 datagrams: {lines:?}",
+            lines.len()
+        );
+        let pods: Vec<&str> = lines.iter().filter_map(|l| l.split(' ').next()).collect();
+        ensure!(pods[0] == pod2.name, "the flow began on {}", pods[0]);
+        ensure!(
+            pods[39] == pod1.name,
+            "the flow stayed on {} after it left",
+            pods[39]
+        );
+        let moved = pods.iter().position(|p| *p == pod1.name).unwrap_or(40);
+        ensure!(
+            pods[moved..].iter().all(|p| *p == pod1.name),
+            "the flow went back and forth: {pods:?}"
+        );
+        Ok(())
+    })();
+    explain(Some(&daemon), result)
+}
+
+#[test]
+fn a_udp_flow_moves_when_its_backend_leaves() {
+    run("udp flow moves", udp_flow_moves);
+}

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]
-//! podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]
+//! podserver udp-request <addr:port> [--count N] [--timeout-ms 1000] [--interval-ms 0]
 //! podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]
 //! podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000] [--deadline-ms 120000]
 //! ```
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 
 fn usage() -> String {
     "usage:\n  podserver serve --name <pod-name> [--http-port 80] [--udp-port 5353]\n  \
-     podserver udp-request <addr:port> [--count N] [--timeout-ms 1000]\n  \
+     podserver udp-request <addr:port> [--count N] [--timeout-ms 1000] [--interval-ms 0]\n  \
      podserver http-get <url> [--count N] [--parallel P] [--keep-alive] [--timeout-ms 3000] [--interval-ms 0]\n  \
      podserver bulk <url> [--connections N] [--bytes B] [--seed S] [--mode updown|echo|up|down|mixed] [--timeout-ms 10000] [--deadline-ms 120000]"
         .to_string()
@@ -516,12 +516,14 @@ fn serve_http_connection(name: &str, stream: TcpStream) -> Result<()> {
 
 fn udp_request(args: &[String]) -> Result<ExitCode> {
     let args = Args::parse(args, &[])?;
-    args.check_known(&["count", "timeout-ms"])?;
+    args.check_known(&["count", "timeout-ms", "interval-ms"])?;
     let [target] = args.positional.as_slice() else {
         return Err(format!("udp-request needs one <addr:port>\n{}", usage()));
     };
     let count: u32 = args.number("count", 1)?;
     let timeout = Duration::from_millis(args.number("timeout-ms", 1000)?);
+    // A pause between datagrams: one flow that lasts across a change.
+    let interval = Duration::from_millis(args.number("interval-ms", 0)?);
     let addr = resolve(target)?;
 
     let sock = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| format!("binding UDP: {e}"))?;
@@ -533,6 +535,9 @@ fn udp_request(args: &[String]) -> Result<ExitCode> {
         .map_err(|e| format!("set_read_timeout: {e}"))?;
     let mut buf = [0u8; 2048];
     for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
         let msg = format!("request {i}");
         sock.send(msg.as_bytes())
             .map_err(|e| format!("sending to {addr}: {e}"))?;
