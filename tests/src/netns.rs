@@ -389,6 +389,8 @@ pub fn run_in<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Result
 pub struct LinkStats {
     pub rx_bytes: u64,
     pub rx_packets: u64,
+    /// Frames the device refused (e.g. larger than its MTU).
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
     pub tx_packets: u64,
 }
@@ -417,6 +419,7 @@ pub fn link_stats(ns: &str, iface: &str) -> Result<LinkStats> {
             return Ok(LinkStats {
                 rx_bytes: fields[0],
                 rx_packets: fields[1],
+                rx_dropped: fields[3],
                 tx_bytes: fields[8],
                 tx_packets: fields[9],
             });

@@ -705,7 +705,13 @@ fn path_mtu(variant: Variant) -> Result<()> {
         let icmp = capture
             .as_mut()
             .map_or_else(|| "<not started>".to_string(), Capture::stop);
-        e.context(format!("ICMP seen in the client's namespace:\n{icmp}"))
+        let node2_eth0 = netns::link_stats(cluster.node_ns(2), "eth0")
+            .map(|s| format!("{s:?}"))
+            .unwrap_or_else(|e| format!("<{e:#}>"));
+        e.context(format!(
+            "ICMP seen in the client's namespace:\n{icmp}\nnode2's eth0 (MTU {ROUTE_MTU}): \
+             {node2_eth0}"
+        ))
     });
     tb.explain(result)
 }

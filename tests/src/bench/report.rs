@@ -404,7 +404,10 @@ const DESCRIPTIONS: [(u32, &str); 7] = [
          routes the pods' addresses via node1, node2 routes the client via node1: the same \
          hops as the NAT'd variants). ICMP redirects are off on node1 for all. Client, nodes \
          and pods share the machine's CPUs, so this is the throughput of the whole testbed, \
-         where every variant pays the same endpoint costs.",
+         where every variant pays the same endpoint costs. Toward a local pod F's XDP program \
+         runs once per frame (before GRO merges them) and its tc program once per merged skb, \
+         where K and C0 run the stack once per merged skb only; toward a remote pod F sends \
+         every frame back out with XDP_TX, without an skb.",
     ),
 ];
 
