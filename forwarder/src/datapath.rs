@@ -1150,15 +1150,22 @@ fn conntrack_entries_of(map: &HashMap<MapData, CtKey, CtEntry>) -> BTreeMap<CtKe
     entries
 }
 
-/// Whether the TCP flow of entry `e` is still open: not finishing or reset,
-/// and not idle past its state's timeout (judged by the more recent of its
-/// two entries).
+/// How long a drain waits for a closing connection's last packets (the
+/// final ACK, a retransmitted FIN): one round trip, with room. Detached
+/// sooner, they would meet netfilter as INVALID.
+const FIN_GRACE_NS: u64 = 2_000_000_000;
+
+/// Whether the TCP flow of entry `e` is still open: not reset, not idle past
+/// its state's timeout (judged by the more recent of its two entries), and
+/// if finishing, not quiet for longer than its closing packets take.
 pub fn is_live_tcp_flow(e: &CtEntry, peer: Option<&CtEntry>, config: &Config, now: u64) -> bool {
-    if e.state == CT_STATE_FIN || e.state == CT_STATE_CLOSED {
-        return false;
-    }
     let last = peer.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
-    now.saturating_sub(last) <= config.timeout_ns(IPPROTO_TCP, e.state)
+    let idle = now.saturating_sub(last);
+    match e.state {
+        CT_STATE_CLOSED => false,
+        CT_STATE_FIN => idle <= FIN_GRACE_NS,
+        state => idle <= config.timeout_ns(IPPROTO_TCP, state),
+    }
 }
 
 /// Open TCP flows, each counted once: by its forward entry, or by its reply
@@ -1445,8 +1452,9 @@ mod tests {
             count(&pair(0, 0, IPPROTO_TCP, CT_STATE_SYN_RECV), 61 * s),
             0
         );
-        // Finishing or reset flows are not waited for, however recent.
-        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_FIN), s), 0);
+        // Finishing flows only for their last packets; reset ones not at all.
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_FIN), s), 1);
+        assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_FIN), 3 * s), 0);
         assert_eq!(count(&pair(0, 0, IPPROTO_TCP, CT_STATE_CLOSED), s), 0);
         // UDP is never waited for.
         assert_eq!(count(&pair(0, 0, IPPROTO_UDP, CT_STATE_ESTABLISHED), s), 0);
@@ -1539,8 +1547,10 @@ mod tests {
     fn a_drain_sets_the_flag_and_ends_when_the_last_tcp_flow_closes() {
         let mut dp = FakeDatapath::new(established(), |n, dp| {
             if n == 3 {
+                // Closed, and its last packets are past.
                 for e in dp.flows.borrow_mut().values_mut() {
                     e.state = CT_STATE_FIN;
+                    e.last_seen_ns = NOW - 3_000_000_000;
                 }
             }
         });
@@ -1560,9 +1570,11 @@ mod tests {
     }
 
     #[test]
-    fn a_drain_does_not_wait_for_udp_or_closing_flows() {
+    fn a_drain_does_not_wait_for_udp_or_quiet_closing_flows() {
         let mut flows = pair(NOW, NOW, IPPROTO_UDP, CT_STATE_ESTABLISHED);
-        let mut fin = pair(NOW, NOW, IPPROTO_TCP, CT_STATE_FIN);
+        // Closed 3 s ago: past the grace for its last packets.
+        let quiet = NOW - 3_000_000_000;
+        let mut fin = pair(quiet, quiet, IPPROTO_TCP, CT_STATE_FIN);
         // Another tuple for the second flow.
         fin = fin
             .into_iter()
