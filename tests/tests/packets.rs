@@ -207,6 +207,29 @@ impl Rig {
     fn has_flow(&self, key: CtKey) -> bool {
         self.maps.conntrack.get(&key, 0).is_ok()
     }
+
+    /// Runs `frame` through XDP and through tc on eth0: each must pass it
+    /// to the kernel untouched and count `reason` once.
+    fn passes_in_both_hooks(&self, what: &str, frame: &[u8], reason: Reason) -> Result<()> {
+        for hook in ["xdp", "tc"] {
+            let before = self.count(reason)?;
+            let (verdict, out, pass) = if hook == "xdp" {
+                let (v, out) = self.xdp(self.eth0, frame)?;
+                (v, out, XDP_PASS)
+            } else {
+                let (v, out) = self.tc(self.eth0, frame)?;
+                (v, out, TC_ACT_OK)
+            };
+            ensure!(verdict == pass, "{what} ({hook}): verdict {verdict}");
+            ensure!(out == frame, "{what} ({hook}): frame changed");
+            ensure!(
+                self.count(reason)? == before + 1,
+                "{what} ({hook}): {} not counted",
+                reason.name()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Builds and runs the rig inside a fresh namespace.
@@ -605,22 +628,7 @@ fn packets_not_ours_pass_unchanged_with_their_reason_counted() {
             ),
         ];
         for (name, frame, reason) in cases {
-            for hook in ["xdp", "tc"] {
-                let before = rig.count(reason)?;
-                let (verdict, out) = if hook == "xdp" {
-                    rig.xdp(rig.eth0, &frame)?
-                } else {
-                    rig.tc(rig.eth0, &frame)?
-                };
-                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
-                ensure!(verdict == pass, "{name} ({hook}): verdict {verdict}");
-                ensure!(out == frame, "{name} ({hook}): frame changed");
-                ensure!(
-                    rig.count(reason)? == before + 1,
-                    "{name} ({hook}): {} not counted",
-                    reason.name()
-                );
-            }
+            rig.passes_in_both_hooks(name, &frame, reason)?;
         }
         // Nothing above created a flow.
         ensure!(rig.count(Reason::CtCreated)? == 0);
@@ -815,24 +823,8 @@ fn only_a_clients_syn_starts_a_flow_and_the_handshake_establishes_it() {
         {
             let client = (CLIENT, 40100 + i as u16);
             let frame = tcp_flags_frame(client, front, flags, b"x");
-            for hook in ["xdp", "tc"] {
-                let before = rig.count(Reason::PassNotSyn)?;
-                let (v, out) = if hook == "xdp" {
-                    rig.xdp(rig.eth0, &frame)?
-                } else {
-                    rig.tc(rig.eth0, &frame)?
-                };
-                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
-                ensure!(v == pass && out == frame, "{flags:?} ({hook}): verdict {v}");
-                ensure!(
-                    rig.count(Reason::PassNotSyn)? == before + 1,
-                    "{flags:?} ({hook})"
-                );
-                ensure!(
-                    !rig.has_flow(ct_key(client, front, 6)),
-                    "{flags:?} ({hook}) tracked"
-                );
-            }
+            rig.passes_in_both_hooks(&format!("{flags:?}"), &frame, Reason::PassNotSyn)?;
+            ensure!(!rig.has_flow(ct_key(client, front, 6)), "{flags:?} tracked");
         }
         ensure!(rig.count(Reason::CtCreated)? == 0);
 
@@ -945,20 +937,7 @@ fn frames_the_kernel_would_refuse_are_passed_untracked() {
             ("multicast source", multicast_src),
         ];
         for (name, frame) in &cases {
-            for hook in ["xdp", "tc"] {
-                let before = rig.count(Reason::PassMalformed)?;
-                let (v, out) = if hook == "xdp" {
-                    rig.xdp(rig.eth0, frame)?
-                } else {
-                    rig.tc(rig.eth0, frame)?
-                };
-                let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
-                ensure!(v == pass && &out == frame, "{name} ({hook}): verdict {v}");
-                ensure!(
-                    rig.count(Reason::PassMalformed)? == before + 1,
-                    "{name} ({hook}): not counted"
-                );
-            }
+            rig.passes_in_both_hooks(name, frame, Reason::PassMalformed)?;
         }
         ensure!(
             rig.count(Reason::CtCreated)? == 0,
@@ -1248,20 +1227,7 @@ fn a_syn_the_kernel_already_tracks_stays_the_kernels() {
         ]))
         .context("adding a conntrack entry")?;
         let syn = tcp_frame(client, front, 64, true, &[]);
-        for hook in ["xdp", "tc"] {
-            let before = rig.count(Reason::PassKernelFlow)?;
-            let (v, out) = if hook == "xdp" {
-                rig.xdp(rig.eth0, &syn)?
-            } else {
-                rig.tc(rig.eth0, &syn)?
-            };
-            let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
-            ensure!(v == pass && out == syn, "{hook}: verdict {v}");
-            ensure!(
-                rig.count(Reason::PassKernelFlow)? == before + 1,
-                "{hook}: not counted"
-            );
-        }
+        rig.passes_in_both_hooks("a SYN the kernel tracks", &syn, Reason::PassKernelFlow)?;
         ensure!(
             !rig.has_flow(ct_key(client, front, 6)),
             "the kernel's SYN was tracked"
