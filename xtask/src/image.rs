@@ -258,13 +258,31 @@ fn git_revision(workspace: &Path) -> Result<String> {
 /// The URL of the remote `origin` without credentials, else the checkout.
 fn source_url(workspace: &Path) -> String {
     match git(workspace, &["remote", "get-url", "origin"]) {
-        Ok(url) if !url.is_empty() => strip_credentials(&url),
+        Ok(url) if !url.is_empty() => remote_url(workspace, &strip_credentials(&url)),
         _ => {
             let url = format!("git+file://{}", workspace.display());
             crate::cmd::warning!(
                 "no git remote `origin`: the source label is {url} (set it with --source URL)"
             );
             url
+        }
+    }
+}
+
+/// A remote as a URL: scp-like `git@host:path` becomes `ssh://git@host/path`,
+/// a local path (a clone of a clone) `git+file://` with its absolute path.
+pub fn remote_url(workspace: &Path, remote: &str) -> String {
+    if remote.contains("://") {
+        return remote.to_string();
+    }
+    match remote.split_once(':') {
+        Some((host, path)) if host.contains('@') && !host.contains('/') => {
+            format!("ssh://{host}/{}", path.trim_start_matches('/'))
+        }
+        _ => {
+            let path = workspace.join(remote);
+            let path = path.canonicalize().unwrap_or(path);
+            format!("git+file://{}", path.display())
         }
     }
 }
@@ -759,6 +777,27 @@ mod tests {
         assert!(
             check_static(b"#!/bin/sh\necho not elf, but long enough to have a header......\n")
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn remotes_become_urls() {
+        let ws = Path::new("/nonexistent/checkout");
+        assert_eq!(
+            remote_url(ws, "https://git.example/team/forwarder.git"),
+            "https://git.example/team/forwarder.git"
+        );
+        assert_eq!(
+            remote_url(ws, "git@git.example:team/forwarder.git"),
+            "ssh://git@git.example/team/forwarder.git"
+        );
+        assert_eq!(
+            remote_url(ws, "/srv/git/forwarder"),
+            "git+file:///srv/git/forwarder"
+        );
+        assert_eq!(
+            remote_url(ws, "../upstream"),
+            "git+file:///nonexistent/checkout/../upstream"
         );
     }
 
