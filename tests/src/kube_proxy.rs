@@ -1278,6 +1278,18 @@ impl Backend {
             })
             .collect()
     }
+
+    /// Why a test of this backend cannot run here (its binaries missing).
+    pub fn missing(self) -> Option<String> {
+        (!Backend::available().contains(&self)).then(|| {
+            format!(
+                "{}, {} or {} not installed",
+                self.iptables(),
+                self.restore(),
+                self.save()
+            )
+        })
+    }
 }
 
 impl fmt::Display for Backend {

@@ -729,16 +729,9 @@ fn run(variant: Variant, test: fn(Variant) -> Result<()>) {
         println!("skipped: {reason}");
         return;
     }
-    if let Some(backend) = variant.backend() {
-        if !Backend::available().contains(&backend) {
-            println!(
-                "skipped: {}, {} or {} not installed",
-                backend.iptables(),
-                backend.restore(),
-                backend.save()
-            );
-            return;
-        }
+    if let Some(reason) = variant.backend().and_then(Backend::missing) {
+        println!("skipped: {reason}");
+        return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if let Err(e) = test(variant) {

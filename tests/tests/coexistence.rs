@@ -331,13 +331,8 @@ fn run(backend: Backend) {
         println!("skipped: {reason}");
         return;
     }
-    if !Backend::available().contains(&backend) {
-        println!(
-            "skipped: {}, {} or {} not installed",
-            backend.iptables(),
-            backend.restore(),
-            backend.save()
-        );
+    if let Some(reason) = backend.missing() {
+        println!("skipped: {reason}");
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -473,8 +473,8 @@ fn run(name: &str, test: impl FnOnce() -> Result<()>) {
 
 #[test]
 fn turning_on_keeps_kube_proxys_connections_and_uninstall_drains_its_own() {
-    if !Backend::available().contains(&Backend::Legacy) {
-        println!("skipped: iptables-legacy not installed");
+    if let Some(reason) = Backend::Legacy.missing() {
+        println!("skipped: {reason}");
         return;
     }
     run("on and off", on_and_off);
@@ -487,8 +487,8 @@ fn a_terminating_then_removed_endpoint_keeps_its_connections() {
 
 #[test]
 fn a_terminating_then_removed_endpoint_keeps_its_connections_with_kube_proxy_alone() {
-    if !Backend::available().contains(&Backend::Legacy) {
-        println!("skipped: iptables-legacy not installed");
+    if let Some(reason) = Backend::Legacy.missing() {
+        println!("skipped: {reason}");
         return;
     }
     run("draining endpoint (kube-proxy alone)", || {

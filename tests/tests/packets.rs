@@ -208,6 +208,15 @@ impl Rig {
         self.maps.conntrack.get(&key, 0).is_ok()
     }
 
+    /// A client's SYN to the remote TCP frontend, sent back out with XDP_TX;
+    /// returns the flow's source-NAT port.
+    fn open_remote_flow(&self, client: (Ipv4Addr, u16)) -> Result<u16> {
+        let syn = tcp_frame(client, (NODE, NP_REMOTE_TCP), 64, true, &[]);
+        let (v, out) = self.xdp(self.eth0, &syn)?;
+        ensure!(v == XDP_TX, "SYN from {client:?}: verdict {v}");
+        src_port(&out)
+    }
+
     /// Runs `frame` through XDP and through tc on eth0: each must pass it
     /// to the kernel untouched and count `reason` once.
     fn passes_in_both_hooks(&self, what: &str, frame: &[u8], reason: Reason) -> Result<()> {
@@ -858,9 +867,7 @@ fn packets_on_a_device_their_flow_does_not_use_are_not_translated() {
         // A remote flow: its replies come in on eth0.
         let client = (CLIENT, 40120);
         let front = (NODE, NP_REMOTE_TCP);
-        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, true, &[]))?;
-        ensure!(v == XDP_TX);
-        let port = src_port(&out)?;
+        let port = rig.open_remote_flow(client)?;
         // A local pod forging the remote backend's reply to our port.
         let forged = tcp_frame((REMOTE_POD, 80), (NODE, port), 64, false, b"inject");
         let before = rig.count(Reason::PassWrongDevice)?;
@@ -954,9 +961,7 @@ fn draining_takes_no_new_flows_and_keeps_translating_existing_ones() {
     with_rig(|rig| {
         let front = (NODE, NP_REMOTE_TCP);
         let old = (CLIENT, 40140);
-        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(old, front, 64, true, &[]))?;
-        ensure!(v == XDP_TX);
-        let port = src_port(&out)?;
+        let port = rig.open_remote_flow(old)?;
         let config = Config {
             flags: forwarder_common::CONFIG_F_DRAINING,
             ..Config::default()
@@ -1113,10 +1118,10 @@ fn an_oversize_packet_of_a_flow_is_answered_with_fragmentation_needed() {
     with_rig(|rig| {
         let client = (CLIENT, 40160);
         let front = (NODE, NP_REMOTE_TCP);
-        let (v, _) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, true, &[]))?;
-        ensure!(v == XDP_TX);
-        // A locked route MTU: forwarding honours a route's MTU only then
-        // (or with ip_forward_use_pmtu), for the kernel and bpf_fib_lookup alike.
+        rig.open_remote_flow(client)?;
+        // A locked route MTU: bpf_fib_lookup honours a route's MTU only
+        // then (or with ip_forward_use_pmtu); the kernel's forwarding
+        // honours it either way (a limit stated in the README).
         integration_tests::netns::run_checked(std::process::Command::new("ip").args([
             "route",
             "replace",
