@@ -350,6 +350,9 @@ pub const IFACE_F_VETH_PEER: u32 = 1 << 2;
 pub const IFACE_F_XDP_GENERIC: u32 = 1 << 3;
 /// Informational: no XDP here (the device refused it); tc does everything.
 pub const IFACE_F_TC_ONLY: u32 = 1 << 4;
+/// Its tc program is a netlink filter on a clsact qdisc (no tcx): it stays
+/// attached without a pin, and is found again by its priority and handle.
+pub const IFACE_F_TC_NETLINK: u32 = 1 << 5;
 
 /// Value of the interfaces map, keyed by ifindex (u32).
 #[repr(C)]

@@ -18,7 +18,7 @@ use tokio::{
 use std::sync::Arc;
 
 use crate::{
-    datapath::{self, Datapath, OnExit, Options, XdpModeArg, XdpTxArg},
+    datapath::{self, Datapath, OnExit, Options, TcAttachArg, XdpModeArg, XdpTxArg},
     kube_source,
     model::{Desired, NodeContext},
     netdev::{self, Ipv4Cidr},
@@ -47,6 +47,7 @@ pub struct RunArgs {
     pub source: SourceArg,
     pub services: ServiceSelection,
     pub xdp_mode: XdpModeArg,
+    pub tc_attach: TcAttachArg,
     pub xdp_tx: XdpTxArg,
     pub nodeport_addresses: Vec<Ipv4Cidr>,
     pub pin_dir: PathBuf,
@@ -219,6 +220,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let opts = Options {
         ifaces: args.ifaces.clone(),
         xdp_mode: args.xdp_mode,
+        tc_attach: args.tc_attach,
         xdp_tx: args.xdp_tx,
         pin_dir: args.pin_dir.clone(),
         config,

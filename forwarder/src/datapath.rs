@@ -12,19 +12,20 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapType},
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        links::{FdLink, Link as _, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
+    util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use forwarder_common::{
     map_names, program_names, AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters,
     CtEntry, CtKey, DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason,
     ServiceLabel, CONFIG_F_DRAINING, CT_F_REPLY, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_FIN,
-    GENERATION_GLOBAL, IFACE_F_EXTERNAL, IFACE_F_TC_ONLY, IFACE_F_VETH_PEER, IFACE_F_XDP_GENERIC,
-    IFACE_F_XDP_TX, IPPROTO_TCP, IPPROTO_UDP,
+    GENERATION_GLOBAL, IFACE_F_EXTERNAL, IFACE_F_TC_NETLINK, IFACE_F_TC_ONLY, IFACE_F_VETH_PEER,
+    IFACE_F_XDP_GENERIC, IFACE_F_XDP_TX, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{info, warn};
 
@@ -51,9 +52,75 @@ pub enum XdpTxArg {
     Off,
 }
 
+/// How tc programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachArg {
+    /// tcx where the kernel has it (6.6 and later), else netlink.
+    Auto,
+    /// bpf links through tcx, pinned (Linux 6.6 or later).
+    Tcx,
+    /// A filter on a clsact qdisc through netlink (any kernel).
+    Netlink,
+}
+
+/// How a device got its tc program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcWay {
+    /// A tcx bpf link, pinned under the pin dir's `links/`.
+    Tcx,
+    /// A direct-action cls_bpf filter at [`NETLINK_TC_PRIORITY`] and
+    /// [`NETLINK_TC_HANDLE`] on the clsact qdisc's ingress: it outlives the
+    /// daemon without a pin, and a new daemon replaces its program in place.
+    Netlink,
+}
+
+/// Where our netlink tc filter sits on every device: fixed, so a restarted
+/// daemon (or `forwarder uninstall`) finds it without any saved state. A
+/// lower number runs first; 1 is left to whatever claims "first" (Cilium).
+pub const NETLINK_TC_PRIORITY: u16 = 21;
+pub const NETLINK_TC_HANDLE: u32 = 0xf0d;
+
+impl TcWay {
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcWay::Tcx => "tcx",
+            TcWay::Netlink => "netlink",
+        }
+    }
+
+    pub const fn from_flags(flags: u32) -> Self {
+        if flags & IFACE_F_TC_NETLINK != 0 {
+            TcWay::Netlink
+        } else {
+            TcWay::Tcx
+        }
+    }
+
+    const fn flags(self) -> u32 {
+        match self {
+            TcWay::Tcx => 0,
+            TcWay::Netlink => IFACE_F_TC_NETLINK,
+        }
+    }
+
+    /// The way `arg` asks for on a kernel of version `kernel`.
+    pub fn choose(arg: TcAttachArg, kernel: KernelVersion) -> Result<Self> {
+        let has_tcx = kernel >= KernelVersion::new(6, 6, 0);
+        match arg {
+            TcAttachArg::Auto if has_tcx => Ok(TcWay::Tcx),
+            TcAttachArg::Auto | TcAttachArg::Netlink => Ok(TcWay::Netlink),
+            TcAttachArg::Tcx if has_tcx => Ok(TcWay::Tcx),
+            TcAttachArg::Tcx => bail!(
+                "--tc-attach tcx needs Linux 6.6 or later (this is {kernel}); use --tc-attach auto or netlink"
+            ),
+        }
+    }
+}
+
 pub struct Options {
     pub ifaces: Vec<String>,
     pub xdp_mode: XdpModeArg,
+    pub tc_attach: TcAttachArg,
     pub xdp_tx: XdpTxArg,
     pub pin_dir: PathBuf,
     pub config: Config,
@@ -99,12 +166,19 @@ struct PinnedAttachment {
     pin: PathBuf,
 }
 
+/// A device's tc program, either way.
+enum TcAttachment {
+    Tcx(PinnedAttachment),
+    /// Nothing to hold: the filter lives on the device (see [`TcWay::Netlink`]).
+    Netlink,
+}
+
 struct External {
     name: String,
     ifindex: u32,
     mode: Attached,
     _xdp: Option<PinnedAttachment>,
-    _tc: PinnedAttachment,
+    _tc: TcAttachment,
 }
 
 /// What happens to the datapath when the daemon stops.
@@ -124,7 +198,9 @@ pub struct Datapath {
     pin_dir: PathBuf,
     external: Vec<External>,
     /// Pod-facing devices with our tc program, by ifindex.
-    pod_devices: BTreeMap<u32, (String, PinnedAttachment)>,
+    pod_devices: BTreeMap<u32, (String, TcAttachment)>,
+    /// How tc programs are attached on this kernel.
+    tc_way: TcWay,
     /// The previous daemon's status, if we adopted a running datapath.
     pub adopted: Option<DaemonStatus>,
     pub object_hash: u64,
@@ -221,8 +297,32 @@ pub fn check_privileges() -> Result<()> {
 
 /// Fails with one clear line on a kernel without what the programs need.
 pub fn check_kernel() -> Result<()> {
+    if let Ok(version) = KernelVersion::current() {
+        check_kernel_version(version)?;
+    }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): forwarder needs a kernel built with CONFIG_DEBUG_INFO_BTF, 6.6 or newer");
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): forwarder needs a kernel built with CONFIG_DEBUG_INFO_BTF, 5.11 or newer");
+    }
+    Ok(())
+}
+
+/// The oldest kernel with every helper the programs call; what an older
+/// one lacks, named.
+fn check_kernel_version(version: KernelVersion) -> Result<()> {
+    let missing = [
+        ((5, 9), "XDP bpf links"),
+        ((5, 10), "bpf_redirect_peer and bpf_redirect_neigh"),
+        ((5, 11), "bpf_ktime_get_coarse_ns"),
+    ]
+    .into_iter()
+    .filter(|((major, minor), _)| version < KernelVersion::new(*major, *minor, 0))
+    .map(|(_, what)| what)
+    .collect::<Vec<_>>();
+    if !missing.is_empty() {
+        bail!(
+            "Linux {version} lacks {}: forwarder needs Linux 5.11 or later",
+            missing.join(", ")
+        );
     }
     Ok(())
 }
@@ -335,6 +435,12 @@ impl Datapath {
         for name in &opts.ifaces {
             netdev::ifindex(name)?;
         }
+        let kernel = KernelVersion::current().context("reading the kernel version")?;
+        let tc_way = TcWay::choose(opts.tc_attach, kernel)?;
+        info!(
+            "tc programs attach through {} (Linux {kernel})",
+            tc_way.name()
+        );
         ensure_bpffs(&opts.pin_dir)?;
         retire_incompatible_pins(&opts.pin_dir)?;
         let mut loader = EbpfLoader::new();
@@ -423,6 +529,7 @@ impl Datapath {
             pin_dir: opts.pin_dir.clone(),
             external: Vec::new(),
             pod_devices: BTreeMap::new(),
+            tc_way,
             adopted: previous,
             object_hash,
             logger,
@@ -506,7 +613,7 @@ impl Datapath {
                 XdpTxArg::Off => false,
                 XdpTxArg::Auto => !(mode == Attached::Native && kind == DeviceKind::Veth),
             };
-        let mut flags = IFACE_F_EXTERNAL;
+        let mut flags = IFACE_F_EXTERNAL | self.tc_way.flags();
         if xdp_tx {
             flags |= IFACE_F_XDP_TX;
         }
@@ -525,11 +632,12 @@ impl Datapath {
             .insert(ifindex, info, 0)
             .context("writing IFACES")?;
         let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-        let tc_link = attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name))?;
+        let tc_link = attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name), self.tc_way)?;
         info!(
-            "{name}: XDP {}, XDP transmit {}, tc ingress attached, source-NAT address {snat_addr}",
+            "{name}: XDP {}, XDP transmit {}, tc ingress attached ({}), source-NAT address {snat_addr}",
             mode.name(),
             if xdp_tx { "on" } else { "off (tc forwards)" },
+            self.tc_way.name(),
         );
         self.external.push(External {
             name: name.to_string(),
@@ -633,7 +741,7 @@ impl Datapath {
             .collect();
         for ifindex in gone {
             if let Some((name, attachment)) = self.pod_devices.remove(&ifindex) {
-                unpin_link(&attachment.pin);
+                detach_tc(&name, attachment);
                 let _ = self.maps.ifaces.remove(&ifindex);
                 info!("{name}: tc ingress detached (no local backend behind it)");
             }
@@ -644,11 +752,12 @@ impl Datapath {
             }
             let info = IfaceInfo {
                 snat_addr_be: 0,
-                flags: if *kind == DeviceKind::Veth {
-                    IFACE_F_VETH_PEER
-                } else {
-                    0
-                },
+                flags: self.tc_way.flags()
+                    | if *kind == DeviceKind::Veth {
+                        IFACE_F_VETH_PEER
+                    } else {
+                        0
+                    },
                 master_ifindex: *master,
                 _pad: 0,
             };
@@ -657,9 +766,12 @@ impl Datapath {
                 .insert(ifindex, info, 0)
                 .context("writing IFACES")?;
             let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-            match attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name)) {
+            match attach_tc(tc, name, &link_pin(&self.pin_dir, "tc", name), self.tc_way) {
                 Ok(attachment) => {
-                    info!("{name}: tc ingress attached (local pods' replies)");
+                    info!(
+                        "{name}: tc ingress attached ({}; local pods' replies)",
+                        self.tc_way.name()
+                    );
                     self.pod_devices
                         .insert(*ifindex, (name.clone(), attachment));
                 }
@@ -696,14 +808,21 @@ impl Datapath {
                 .chain(self.pod_devices.keys())
                 .copied()
                 .collect();
-            let stale: Vec<u32> = self
+            let stale: Vec<(u32, IfaceInfo)> = self
                 .maps
                 .ifaces
-                .keys()
+                .iter()
                 .filter_map(|k| k.ok())
-                .filter(|k| !known.contains(k))
+                .filter(|(k, _)| !known.contains(k))
                 .collect();
-            for k in stale {
+            for (k, info) in stale {
+                // A netlink filter has no pin to tell of it: its entry does.
+                if info.flags & IFACE_F_TC_NETLINK != 0 {
+                    if let Some(name) = netdev::ifname(k) {
+                        info!("removing the leftover tc filter on {name}");
+                        detach_netlink_tc(&name);
+                    }
+                }
                 let _ = self.maps.ifaces.remove(&k);
             }
         }
@@ -962,6 +1081,21 @@ pub fn uninstall(pin_dir: &Path, drain_timeout: Duration) -> Result<Uninstalled>
         DrainOutcome::Drained { .. } | DrainOutcome::NothingToDrain => {}
     }
     let mut detached = 0;
+    // Netlink filters have no pin: the interface table says where they are.
+    if let Ok(ifaces) =
+        open_pinned_as::<HashMap<MapData, u32, IfaceInfo>>(pin_dir, map_names::IFACES)
+    {
+        for (ifindex, info) in ifaces.iter().filter_map(|e| e.ok()) {
+            if info.flags & IFACE_F_TC_NETLINK == 0 {
+                continue;
+            }
+            if let Some(name) = netdev::ifname(ifindex) {
+                if netlink_tc_link(&name).is_ok_and(|l| l.detach().is_ok()) {
+                    detached += 1;
+                }
+            }
+        }
+    }
     if let Ok(rd) = fs::read_dir(links_dir(pin_dir)) {
         for entry in rd.flatten() {
             unpin_link(&entry.path());
@@ -1061,8 +1195,81 @@ fn attach_xdp(
     pin_attachment(link, pin)
 }
 
+/// Attaches tc ingress `way`, adopting what an earlier daemon attached (a
+/// pinned tcx link, or our netlink filter) by replacing its program
+/// atomically. Whatever the other way left on the device is removed.
+fn attach_tc(tc: &mut SchedClassifier, name: &str, pin: &Path, way: TcWay) -> Result<TcAttachment> {
+    match way {
+        TcWay::Tcx => {
+            let attachment = attach_tcx(tc, name, pin)?;
+            detach_netlink_tc(name);
+            Ok(TcAttachment::Tcx(attachment))
+        }
+        TcWay::Netlink => {
+            attach_netlink_tc(tc, name)?;
+            if pin.exists() {
+                unpin_link(pin);
+            }
+            Ok(TcAttachment::Netlink)
+        }
+    }
+}
+
+/// Our netlink filter on `name`, as a link handle (nothing is checked yet).
+fn netlink_tc_link(name: &str) -> Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        name,
+        TcAttachType::Ingress,
+        NETLINK_TC_PRIORITY,
+        TcHandle::from(NETLINK_TC_HANDLE),
+        None,
+    )
+    .with_context(|| format!("{name}: no such device"))
+}
+
+fn attach_netlink_tc(tc: &mut SchedClassifier, name: &str) -> Result<()> {
+    // Fails if the device already has one, which is fine; a real problem
+    // shows in the attach below.
+    let _ = tc::qdisc_add_clsact(name);
+    // An earlier daemon's filter: swap in our program where it sits.
+    let replaced = netlink_tc_link(name).and_then(|link| Ok(tc.attach_to_link(link)?));
+    let id = match replaced {
+        Ok(id) => id,
+        Err(_) => tc
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NETLINK_TC_PRIORITY,
+                    handle: TcHandle::from(NETLINK_TC_HANDLE),
+                    ..NlOptions::default()
+                }),
+            )
+            .with_context(|| format!("attaching tc ingress to {name} through netlink"))?,
+    };
+    // Dropping the link would detach the filter: it must outlive this
+    // process, as a pinned link does (detach_netlink_tc removes it).
+    std::mem::forget(tc.take_link(id)?);
+    Ok(())
+}
+
+/// Removes our netlink filter from `name`, if it has one.
+fn detach_netlink_tc(name: &str) {
+    if let Ok(link) = netlink_tc_link(name) {
+        // NotFound is the common case: nothing was attached that way.
+        let _ = link.detach();
+    }
+}
+
+fn detach_tc(name: &str, attachment: TcAttachment) {
+    match attachment {
+        TcAttachment::Tcx(a) => unpin_link(&a.pin),
+        TcAttachment::Netlink => detach_netlink_tc(name),
+    }
+}
+
 /// Attaches tc ingress through tcx, adopting a pinned link if there is one.
-fn attach_tc(tc: &mut SchedClassifier, name: &str, pin: &Path) -> Result<PinnedAttachment> {
+fn attach_tcx(tc: &mut SchedClassifier, name: &str, pin: &Path) -> Result<PinnedAttachment> {
     if pin.exists() {
         let adopted = (|| -> Result<FdLink> {
             let fd: FdLink = PinnedLink::from_pin(pin)?.into();
@@ -1631,6 +1838,44 @@ mod tests {
             drain(&dir, Duration::from_secs(1)).unwrap(),
             DrainOutcome::NothingToDrain
         );
+    }
+
+    #[test]
+    fn kernels_before_5_11_are_refused_naming_what_they_lack() {
+        let e = check_kernel_version(KernelVersion::new(5, 10, 0)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Linux 5.10.0 lacks bpf_ktime_get_coarse_ns: forwarder needs Linux 5.11 or later"
+        );
+        let e = check_kernel_version(KernelVersion::new(5, 4, 0)).unwrap_err();
+        assert!(
+            e.to_string().contains("XDP bpf links, bpf_redirect_peer"),
+            "{e}"
+        );
+        check_kernel_version(KernelVersion::new(5, 11, 0)).unwrap();
+        check_kernel_version(KernelVersion::new(6, 1, 0)).unwrap();
+    }
+
+    #[test]
+    fn tc_attaches_through_tcx_where_the_kernel_has_it_else_netlink() {
+        let old = KernelVersion::new(6, 1, 0);
+        let new = KernelVersion::new(6, 6, 0);
+        assert_eq!(TcWay::choose(TcAttachArg::Auto, new).unwrap(), TcWay::Tcx);
+        assert_eq!(
+            TcWay::choose(TcAttachArg::Auto, old).unwrap(),
+            TcWay::Netlink
+        );
+        assert_eq!(
+            TcWay::choose(TcAttachArg::Netlink, new).unwrap(),
+            TcWay::Netlink
+        );
+        let refused = TcWay::choose(TcAttachArg::Tcx, old)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("needs Linux 6.6"), "{refused}");
+        for way in [TcWay::Tcx, TcWay::Netlink] {
+            assert_eq!(TcWay::from_flags(way.flags() | IFACE_F_EXTERNAL), way);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use forwarder_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, links_dir, Attached},
+    datapath::{self, links_dir, Attached, TcWay},
     maps::{pin_path, Maps},
     model::Protocol,
     netdev,
@@ -176,6 +176,8 @@ pub struct InterfaceRow {
     /// Program ids attached through our pinned links (XDP, tc).
     pub xdp_program_id: Option<u32>,
     pub tc_program_id: Option<u32>,
+    /// How its tc program is attached: `tcx` or `netlink`.
+    pub tc_attach: &'static str,
 }
 
 fn ser_mode<S: serde::Serializer>(m: &Option<Attached>, s: S) -> Result<S::Ok, S::Error> {
@@ -213,7 +215,12 @@ pub fn interfaces(maps: &Maps, pin_dir: &Path) -> Result<Vec<InterfaceRow>> {
             } else {
                 None
             },
-            tc_program_id: link_program(pin_dir, "tc", &name),
+            // A netlink filter's program id is not read back (no pin).
+            tc_program_id: match TcWay::from_flags(info.flags) {
+                TcWay::Tcx => link_program(pin_dir, "tc", &name),
+                TcWay::Netlink => None,
+            },
+            tc_attach: TcWay::from_flags(info.flags).name(),
             name,
             ifindex,
         });
@@ -350,13 +357,14 @@ pub fn render_status(s: &Status) -> String {
     for i in &s.interfaces {
         let _ = writeln!(
             o,
-            "  {:<16} {:<11} {:<9} xdp-tx {:<3} xdp prog {:<6} tc prog {}",
+            "  {:<16} {:<11} {:<9} xdp-tx {:<3} xdp prog {:<6} tc prog {} ({})",
             i.name,
             i.role,
             i.mode.map_or("-", Attached::name),
             if i.xdp_transmit { "on" } else { "off" },
             i.xdp_program_id.map_or("-".into(), |p| p.to_string()),
             i.tc_program_id.map_or("-".into(), |p| p.to_string()),
+            i.tc_attach,
         );
     }
     let _ = writeln!(

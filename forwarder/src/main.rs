@@ -4,7 +4,7 @@ use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use forwarder::{
     daemon::{self, ConntrackTimeouts, RunArgs, SourceArg},
-    datapath::{self, OnExit, XdpModeArg, XdpTxArg},
+    datapath::{self, OnExit, TcAttachArg, XdpModeArg, XdpTxArg},
     inspect,
     netdev::Ipv4Cidr,
     policy::Enforcement,
@@ -56,6 +56,10 @@ enum Command {
         services: Services,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpModeArg,
+        /// How tc programs attach: tcx (pinned bpf links, Linux 6.6 or later), netlink (a
+        /// filter on a clsact qdisc, any kernel), or auto (tcx where the kernel has it).
+        #[arg(long, value_enum, default_value = "auto")]
+        tc_attach: TcAttachArg,
         /// Whether XDP transmits translated packets itself (else tc does).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_tx: XdpTxArg,
@@ -250,6 +254,7 @@ fn real_main(cli: Cli) -> Result<()> {
             kubeconfig,
             services,
             xdp_mode,
+            tc_attach,
             xdp_tx,
             nodeport_addresses,
             pin_dir,
@@ -285,6 +290,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     Services::Annotated => ServiceSelection::Annotated,
                 },
                 xdp_mode,
+                tc_attach,
                 xdp_tx,
                 nodeport_addresses,
                 pin_dir,

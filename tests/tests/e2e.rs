@@ -644,12 +644,15 @@ fn tc_programs(ns: &str) -> Result<Vec<String>> {
     Ok(found)
 }
 
-fn daemon_stop_cleans_up() -> Result<()> {
+fn daemon_stop_cleans_up(tc_attach: &str) -> Result<()> {
     let cluster = build(PodNet::RoutedVeth, true, 1)?;
     let pods: Vec<_> = cluster.pods().iter().collect();
     cluster.write_service(SERVICE, &pods)?;
     let mut options: DaemonOptions = cluster.daemon_options(1);
     options.extra_args.push("--cleanup-on-exit".into());
+    options
+        .extra_args
+        .extend(["--tc-attach".into(), tc_attach.into()]);
     let mut daemon = cluster.start_forwarder(1, &options)?;
     let node = cluster.node_ns(1).to_string();
     explain(
@@ -671,6 +674,38 @@ fn daemon_stop_cleans_up() -> Result<()> {
             let running = tc_programs(&node)?;
             eprintln!("while running: {running:?}");
             ensure!(!running.is_empty(), "no tc program found while running");
+            let expected = if tc_attach == "netlink" {
+                "netlink"
+            } else {
+                "tcx"
+            };
+            let way = if tc_attach == "netlink" {
+                "tc ingress filter"
+            } else {
+                "tcx Ingress"
+            };
+            ensure!(
+                running.iter().all(|p| p.starts_with(way)),
+                "--tc-attach {tc_attach}: attached otherwise: {running:?}"
+            );
+            let status = daemon.forwarder(&[
+                "status",
+                "--pin-dir",
+                &daemon.pin_dir().to_string_lossy(),
+                "--output",
+                "json",
+            ])?;
+            let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+            let ways: Vec<&str> = status["interfaces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["tc_attach"].as_str())
+                .collect();
+            ensure!(
+                !ways.is_empty() && ways.iter().all(|w| *w == expected),
+                "forwarder status says {ways:?} for --tc-attach {tc_attach}: {status}"
+            );
             Ok(())
         })(),
     )?;
@@ -772,5 +807,13 @@ fn backend_removed_while_traffic_flows_goes_to_remaining_pod() {
 #[test]
 fn daemon_stop_removes_programs_and_pins() {
     skip_unless_netns_capable!();
-    check(daemon_stop_cleans_up());
+    check(daemon_stop_cleans_up("auto"));
+}
+
+/// 9b. The same with tc attached through netlink (kernels without tcx):
+/// the filters, which have no pins, are found and removed too.
+#[test]
+fn daemon_stop_removes_netlink_tc_filters_too() {
+    skip_unless_netns_capable!();
+    check(daemon_stop_cleans_up("netlink"));
 }

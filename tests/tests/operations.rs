@@ -135,9 +135,29 @@ fn sigkill_and_restart_drop_no_request_and_keep_connections() {
 #[test]
 fn upgrade_to_a_different_object_drops_no_request() {
     skip_unless_netns_capable!();
+    check(upgrade(&[]));
+}
+
+/// The same where tc attaches through netlink (kernels without tcx): the
+/// new daemon replaces the program of the filter in place.
+#[test]
+fn upgrade_with_netlink_tc_filters_drops_no_request() {
+    skip_unless_netns_capable!();
     check((|| {
+        upgrade(&["--tc-attach", "netlink"])?;
+        Ok(())
+    })());
+}
+
+/// Stops the daemon in the middle of traffic and starts one with another
+/// eBPF object (`extra` added to both daemons' flags).
+fn upgrade(extra: &[&str]) -> Result<()> {
+    {
         let cluster = cluster()?;
-        let options = cluster.daemon_options(1);
+        let mut options = cluster.daemon_options(1);
+        options
+            .extra_args
+            .extend(extra.iter().map(|a| a.to_string()));
         let mut daemon = cluster.start_forwarder(1, &options)?;
         let mut upgraded = options.clone();
         upgraded
@@ -153,8 +173,20 @@ fn upgrade_to_a_different_object_drops_no_request() {
             );
             Ok(())
         })?;
+        if extra.contains(&"netlink") {
+            // One filter per device, replaced in place: not a second one.
+            let node = cluster.node_ns(1);
+            let filters = integration_tests::netns::exec_in(
+                node,
+                &["tc", "filter", "show", "dev", "eth0", "ingress"],
+            )?;
+            ensure!(
+                filters.matches("handle 0xf0d").count() == 1,
+                "eth0's ingress filters after the upgrade: {filters}"
+            );
+        }
         daemon.stop()
-    })());
+    }
 }
 
 #[test]
