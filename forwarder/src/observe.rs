@@ -279,6 +279,8 @@ impl Collector for DatapathCollector {
                     "pass"
                 } else if r.name().starts_with("ct_") {
                     "conntrack"
+                } else if !r.is_verdict() {
+                    "event"
                 } else {
                     "forward"
                 };
