@@ -365,7 +365,7 @@ async fn serve(
     let mut source_alive = true;
     // The sweep walks the whole table: it runs on a blocking thread with a
     // handle of its own, so the loop (and /livez's heartbeat) never waits.
-    let mut sweep_handle = Some(dp.conntrack_handle()?);
+    let mut sweep_handle: Option<datapath::ConntrackMap> = None;
     let mut sweeping: Option<SweepTask> = None;
     loop {
         tokio::select! {
@@ -379,10 +379,8 @@ async fn serve(
                         sweep_handle = Some(handle);
                         sweep_finished(&mut state, metrics, started, result);
                     }
-                    Err(e) => {
-                        error!("the conntrack sweep task failed: {e}");
-                        sweep_handle = Some(dp.conntrack_handle()?);
-                    }
+                    // The next sweep opens the table again.
+                    Err(e) => error!("the conntrack sweep task failed: {e}"),
                 }
                 continue;
             }
@@ -466,10 +464,15 @@ async fn serve(
                 error!("reconcile failed, keeping the previous state: {e:#}");
             }
         }
-        if last_sweep.elapsed() >= SWEEP {
-            if let Some(handle) = sweep_handle.take() {
-                last_sweep = Instant::now();
-                sweeping = Some(SweepTask::start(handle, opts.config));
+        if last_sweep.elapsed() >= SWEEP && sweeping.is_none() {
+            last_sweep = Instant::now();
+            let handle = match sweep_handle.take() {
+                Some(handle) => Ok(handle),
+                None => dp.conntrack_handle(),
+            };
+            match handle {
+                Ok(handle) => sweeping = Some(SweepTask::start(handle, opts.config)),
+                Err(e) => warn!("conntrack sweep: {e:#}"),
             }
         }
     }
