@@ -1,6 +1,8 @@
 //! The conntrack sweep is off the request path: `/livez` and `/healthz`
-//! answer promptly while a full table is swept, and the sweep ends even
-//! while entries are evicted under it.
+//! answer promptly while a full table is swept, the daemon loop keeps its
+//! one-second pace meanwhile (a sweep on its thread stalled it for the
+//! sweep's whole length: about 9 s for a million entries here), and the
+//! sweep ends even while entries are evicted under it.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
@@ -10,6 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use forwarder::maps::Maps;
 use forwarder_common::{
     CtEntry, CtKey, CT_F_SNAT, CT_STATE_NEW, DEFAULT_CONNTRACK_ENTRIES, IPPROTO_UDP,
 };
@@ -90,6 +93,22 @@ fn poll_health(ns: &str, done: &AtomicBool) -> Result<Vec<(&'static str, u16, Du
     })
 }
 
+/// The longest the daemon loop's heartbeat (written to the STATUS map at
+/// every pass, at least once a second) stood still while `done` was unset.
+fn heartbeat_stall(maps: &Maps, done: &AtomicBool) -> Result<Duration> {
+    let mut last = (Instant::now(), maps.status.get(&0, 0)?.heartbeat_unix);
+    let mut longest = Duration::ZERO;
+    while !done.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(20));
+        let beat = maps.status.get(&0, 0)?.heartbeat_unix;
+        if beat != last.1 {
+            last = (Instant::now(), beat);
+        }
+        longest = longest.max(last.0.elapsed());
+    }
+    Ok(longest)
+}
+
 /// The `(removed, walked, ms)` of each "conntrack: removed" line in the log.
 fn sweeps(log: &str) -> Vec<(usize, usize, u64)> {
     log.lines()
@@ -144,10 +163,28 @@ fn check_answers(what: &str, answers: &[(&str, u16, Duration)]) -> Result<Durati
     Ok(answers.iter().map(|a| a.2).max().unwrap_or_default())
 }
 
+/// The daemon loop never waits for a sweep: its heartbeat (a tick a second)
+/// never stands still this long, where a sweep of a million entries on the
+/// loop's own thread takes seconds.
+const MAX_LOOP_STALL: Duration = Duration::from_secs(3);
+
 #[test]
 fn health_answers_promptly_while_a_full_conntrack_table_is_swept() {
     skip_unless_netns_capable!();
-    check((|| {
+    check(sweep_under_watch(DEFAULT_CONNTRACK_ENTRIES, true));
+}
+
+#[test]
+fn the_daemon_loop_keeps_its_pace_while_a_table_of_a_million_entries_is_swept() {
+    skip_unless_netns_capable!();
+    check(sweep_under_watch(1 << 20, false));
+}
+
+/// Fills a table of `capacity` entries with idle flows and watches the
+/// health answers and the daemon loop's heartbeat through its sweep; then,
+/// with `churn`, through the next sweep while the table churns under it.
+fn sweep_under_watch(capacity: u32, churn: bool) -> Result<()> {
+    {
         let cluster = Cluster::build(ClusterOptions {
             pod_net: PodNet::RoutedVeth,
             wire_napi: true,
@@ -160,11 +197,11 @@ fn health_answers_promptly_while_a_full_conntrack_table_is_swept() {
         options.extra_args.extend([
             format!("--health-addr={HEALTH}"),
             "--metrics-addr=127.0.0.1:10269".into(),
+            format!("--conntrack-entries={capacity}"),
         ]);
         let daemon = cluster.start_forwarder(1, &options)?;
         let node = cluster.node_ns(1).to_string();
         let mut maps = daemon.maps()?;
-        let capacity = DEFAULT_CONNTRACK_ENTRIES;
 
         // A full table of idle flows, written before the first sweep (10 s
         // after the daemon's start).
@@ -189,14 +226,19 @@ fn health_answers_promptly_while_a_full_conntrack_table_is_swept() {
 
         // 1. A full table, nothing else moving.
         let done = AtomicBool::new(false);
-        let answers = thread::scope(|s| {
+        let (answers, stall) = thread::scope(|s| {
             let poller = s.spawn(|| poll_health(&node, &done));
-            let waited = wait_for_sweeps(&daemon, 1, Duration::from_secs(30));
+            let beats = s.spawn(|| heartbeat_stall(&maps, &done));
+            let waited = wait_for_sweeps(&daemon, 1, Duration::from_secs(40));
             done.store(true, Ordering::Relaxed);
             waited?;
-            poller
+            let stall = beats
                 .join()
-                .map_err(|_| anyhow::anyhow!("the health poller panicked"))?
+                .map_err(|_| anyhow::anyhow!("the heartbeat watcher panicked"))??;
+            let answers = poller
+                .join()
+                .map_err(|_| anyhow::anyhow!("the health poller panicked"))??;
+            Ok::<_, anyhow::Error>((answers, stall))
         })?;
         let (removed, walked, sweep_ms) = sweeps(&daemon.log())[0];
         ensure!(
@@ -205,9 +247,16 @@ fn health_answers_promptly_while_a_full_conntrack_table_is_swept() {
         );
         let max_quiet = check_answers("full table", &answers)?;
         eprintln!(
-            "full table: {capacity} entries written in {fill_time:?}; swept ({removed} removed) in {sweep_ms} ms; {} health answers, slowest {max_quiet:?}",
+            "full table: {capacity} entries written in {fill_time:?}; swept ({removed} removed) in {sweep_ms} ms; {} health answers, slowest {max_quiet:?}; the loop's heartbeat stood still for at most {stall:?}",
             answers.len()
         );
+        ensure!(
+            stall <= MAX_LOOP_STALL,
+            "the daemon loop stood still for {stall:?} during a sweep of {sweep_ms} ms"
+        );
+        if !churn {
+            return Ok(());
+        }
 
         // 2. The table refilled and kept churning through the next sweep:
         // every insert into the full LRU table evicts an entry, which makes
@@ -252,5 +301,5 @@ fn health_answers_promptly_while_a_full_conntrack_table_is_swept() {
             answers.len()
         );
         Ok(())
-    })());
+    }
 }
