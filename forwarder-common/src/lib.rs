@@ -489,6 +489,22 @@ macro_rules! reasons {
                 matches!(self, Reason::DropNoLocalBackend | Reason::DropRedirectFailed)
             }
 
+            /// The reason is a packet's verdict: each packet the programs
+            /// see counts exactly one verdict, in the hook that decided its
+            /// fate (a frame XDP passes, tc decides). The other reasons
+            /// count events: flows created, ICMP translated, frames XDP
+            /// left to tc.
+            pub const fn is_verdict(self) -> bool {
+                !matches!(
+                    self,
+                    Reason::XdpToTc
+                        | Reason::CtCreated
+                        | Reason::CtRecycled
+                        | Reason::IcmpTranslated
+                        | Reason::AffinityHit
+                )
+            }
+
             pub const fn description(self) -> &'static str {
                 match self { $(Reason::$variant => $doc,)* }
             }
@@ -502,7 +518,7 @@ reasons! {
     TcRedirectPeer = "tc_redirect_peer": "forwarded by tc straight into a local pod's namespace",
     TcRedirect = "tc_redirect": "forwarded by tc to the egress device",
     TcRedirectNeigh = "tc_redirect_neigh": "forwarded by tc, the kernel resolving the next hop",
-    XdpToTc = "xdp_to_tc": "left by XDP for tc (egress needs an skb, or no neighbour yet)",
+    XdpToTc = "xdp_to_tc": "left by XDP for tc, which counts the verdict (egress needs an skb, or no neighbour yet; not a verdict)",
     PassNotIpv4 = "pass_not_ipv4": "passed: not IPv4",
     PassNotTcpUdp = "pass_not_tcp_udp": "passed: IPv4 but neither TCP nor UDP",
     PassNoService = "pass_no_service": "passed: no frontend and no flow for this packet",

@@ -2,6 +2,8 @@
 //! into local pods, unresolved neighbours, devices without XDP); on the
 //! devices facing local pods it translates their replies. Everything goes
 //! around netfilter in both directions, so conntrack never sees half a flow.
+//! tc counts the verdict of every packet it sees, also of those XDP passed
+//! (XDP counts none of those: see `xdp_ingress`).
 use aya_ebpf::{
     bindings::{bpf_redir_neigh, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},

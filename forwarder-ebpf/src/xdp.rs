@@ -54,9 +54,15 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
         }
         // tc's own actions; XDP never decides them.
         Action::Pass | Action::Peer | Action::Neigh => {
-            stats::count(verdict.reason);
-            if verdict.tracked {
-                stats::count_flow_pass(verdict.reason);
+            // Each packet is counted once, by the hook that decides its
+            // fate. Every frame XDP passes meets tc ingress on this same
+            // device, which decides again and counts that verdict (and a
+            // tracked flow's pass to the kernel): XDP counts nothing for
+            // it, only notes the frames it left to tc for delivery (an
+            // event, not a verdict). tc counts skbs: where GRO merges
+            // passed frames, one verdict stands for all of them.
+            if matches!(verdict.reason, Reason::XdpToTc) {
+                stats::count(Reason::XdpToTc);
             }
             XDP_PASS
         }

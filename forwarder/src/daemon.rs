@@ -289,7 +289,71 @@ struct State {
     /// a pod that left every backend set keeps its device's tc program
     /// while its flows last, or their replies would meet netfilter mid-flow.
     flow_local_backends: BTreeSet<Ipv4Addr>,
+    /// When a reconcile last read `flow_local_backends` from the table.
+    flow_local_backends_read: Option<Instant>,
     skips: skips::SkipLog,
+}
+
+/// A conntrack sweep running on a blocking thread: it hands the table's
+/// handle back with its result.
+struct SweepTask {
+    started: Instant,
+    task: tokio::task::JoinHandle<(datapath::ConntrackMap, Result<datapath::Sweep>)>,
+}
+
+impl SweepTask {
+    fn start(mut conntrack: datapath::ConntrackMap, config: Config) -> Self {
+        SweepTask {
+            started: Instant::now(),
+            task: tokio::task::spawn_blocking(move || {
+                let result = datapath::sweep_conntrack(&mut conntrack, &config);
+                (conntrack, result)
+            }),
+        }
+    }
+}
+
+/// Takes a finished sweep's findings.
+fn sweep_finished(
+    state: &mut State,
+    metrics: &DaemonMetrics,
+    started: Instant,
+    result: Result<datapath::Sweep>,
+) {
+    let sweep = match result {
+        Ok(sweep) => sweep,
+        Err(e) => {
+            warn!("conntrack sweep: {e:#}");
+            return;
+        }
+    };
+    let took = started.elapsed();
+    metrics.sweep_seconds.0.observe(took.as_secs_f64());
+    if sweep.walk_cut {
+        metrics.sweep_walks_cut.inc();
+        warn!(
+            "conntrack sweep: walk cut at its bound after {} entries (entries churned under it); the next sweep goes on",
+            sweep.walked
+        );
+    }
+    if sweep.removed != 0 {
+        info!(
+            "conntrack: removed {} idle entries of {} in {} ms",
+            sweep.removed,
+            sweep.walked,
+            took.as_millis()
+        );
+    }
+    // A reconcile that read the table after this walk began knows flows the
+    // walk may have missed (new ones to a pod that left since): keep those.
+    if state
+        .flow_local_backends_read
+        .is_some_and(|read| read > started)
+    {
+        state.flow_local_backends.extend(sweep.local_backends);
+    } else {
+        state.flow_local_backends = sweep.local_backends;
+    }
 }
 
 async fn serve(
@@ -312,10 +376,27 @@ async fn serve(
     let mut ready = false;
     let mut last_sweep = Instant::now();
     let mut source_alive = true;
+    // The sweep walks the whole table: it runs on a blocking thread with a
+    // handle of its own, so the loop (and /livez's heartbeat) never waits.
+    let mut sweep_handle: Option<datapath::ConntrackMap> = None;
+    let mut sweeping: Option<SweepTask> = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            done = async { (&mut sweeping.as_mut().expect("guarded by the condition").task).await },
+                if sweeping.is_some() => {
+                let started = sweeping.take().map_or_else(Instant::now, |s| s.started);
+                match done {
+                    Ok((handle, result)) => {
+                        sweep_handle = Some(handle);
+                        sweep_finished(&mut state, metrics, started, result);
+                    }
+                    // The next sweep opens the table again.
+                    Err(e) => error!("the conntrack sweep task failed: {e}"),
+                }
+                continue;
+            }
             changed = objects.changed(), if source_alive => {
                 if changed.is_err() {
                     error!("the object source stopped; keeping the last programmed state");
@@ -396,17 +477,22 @@ async fn serve(
                 error!("reconcile failed, keeping the previous state: {e:#}");
             }
         }
-        if last_sweep.elapsed() >= SWEEP {
+        if last_sweep.elapsed() >= SWEEP && sweeping.is_none() {
             last_sweep = Instant::now();
-            match dp.sweep_conntrack(&opts.config) {
-                Ok(sweep) => {
-                    if sweep.removed != 0 {
-                        info!("conntrack: removed {} idle entries", sweep.removed);
-                    }
-                    state.flow_local_backends = sweep.local_backends;
-                }
+            let handle = match sweep_handle.take() {
+                Some(handle) => Ok(handle),
+                None => dp.conntrack_handle(),
+            };
+            match handle {
+                Ok(handle) => sweeping = Some(SweepTask::start(handle, opts.config)),
                 Err(e) => warn!("conntrack sweep: {e:#}"),
             }
+        }
+    }
+    // A sweep in progress finishes first (it ends in bounded time).
+    if let Some(task) = sweeping.take() {
+        if let Ok((_, result)) = task.task.await {
+            sweep_finished(&mut state, metrics, task.started, result);
         }
     }
     Ok(())
@@ -489,6 +575,7 @@ fn reconcile(
             .is_some()
         {
             state.flow_local_backends = dp.local_backends_with_flows();
+            state.flow_local_backends_read = Some(Instant::now());
         }
         state.desired = t.desired;
         state.generation = Some(set.generation);

@@ -829,20 +829,15 @@ impl Datapath {
         Ok(self.pod_devices.values().map(|(n, _)| n.clone()).collect())
     }
 
-    /// Deletes conntrack entries idle past their timeout (both directions),
-    /// freeing their source ports, and reports what the remaining flows need.
+    /// Sweeps the conntrack table now, on this thread (see [`sweep_conntrack`]).
     pub fn sweep_conntrack(&mut self, config: &Config) -> Result<Sweep> {
-        let now = monotonic_ns()?;
-        let mut entries = self.conntrack_snapshot();
-        let expired = expired_flows(&entries, config, now);
-        for k in &expired {
-            let _ = self.maps.conntrack.remove(k);
-            entries.remove(k);
-        }
-        Ok(Sweep {
-            removed: expired.len(),
-            local_backends: local_backends_with_flows(&entries),
-        })
+        sweep_conntrack(&mut self.maps.conntrack, config)
+    }
+
+    /// A handle of its own on the conntrack table, for a sweep on another
+    /// thread while the daemon loop keeps this one.
+    pub fn conntrack_handle(&self) -> Result<ConntrackMap> {
+        open_pinned_as(&self.pin_dir, map_names::CONNTRACK)
     }
 
     /// Deletes UDP flows whose backend left their frontend's backend list,
@@ -905,13 +900,42 @@ impl Datapath {
     }
 }
 
-/// What [`sweep_conntrack`](Datapath::sweep_conntrack) did and found.
+/// The conntrack table as user space holds it.
+pub type ConntrackMap = HashMap<MapData, CtKey, CtEntry>;
+
+/// Deletes conntrack entries idle past their timeout (both directions),
+/// freeing their source ports, and reports what the remaining flows need.
+/// A full table takes a while (two syscalls per entry): the daemon runs
+/// this on a thread of its own.
+pub fn sweep_conntrack(conntrack: &mut ConntrackMap, config: &Config) -> Result<Sweep> {
+    let now = monotonic_ns()?;
+    let walk = conntrack_walk(conntrack);
+    let mut entries = walk.entries;
+    let expired = expired_flows(&entries, config, now);
+    for k in &expired {
+        let _ = conntrack.remove(k);
+        entries.remove(k);
+    }
+    Ok(Sweep {
+        removed: expired.len(),
+        local_backends: local_backends_with_flows(&entries),
+        walked: entries.len() + expired.len(),
+        walk_cut: walk.cut,
+    })
+}
+
+/// What [`sweep_conntrack`] did and found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Entries removed (a flow has two).
     pub removed: usize,
     /// See [`local_backends_with_flows`].
     pub local_backends: BTreeSet<Ipv4Addr>,
+    /// Distinct entries the walk saw.
+    pub walked: usize,
+    /// The walk hit its step bound (see [`bounded_walk`]): entries churned
+    /// under it, and some may not have been seen this time.
+    pub walk_cut: bool,
 }
 
 /// How a drain ended.
@@ -956,7 +980,7 @@ pub trait DrainTarget {
 /// The pinned maps of an installed datapath.
 struct PinnedDatapath {
     config: Array<MapData, Config>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    conntrack: ConntrackMap,
 }
 
 impl DrainTarget for PinnedDatapath {
@@ -1344,18 +1368,81 @@ pub fn expired_flows(entries: &BTreeMap<CtKey, CtEntry>, config: &Config, now: u
 }
 
 /// Every conntrack entry (a walk of a live map: entries may come and go).
-fn conntrack_entries_of(map: &HashMap<MapData, CtKey, CtEntry>) -> BTreeMap<CtKey, CtEntry> {
-    let mut entries = BTreeMap::new();
-    for item in map.iter() {
-        match item {
-            Ok((k, v)) => {
-                entries.insert(k, v);
+fn conntrack_entries_of(map: &ConntrackMap) -> BTreeMap<CtKey, CtEntry> {
+    let walk = conntrack_walk(map);
+    if walk.cut {
+        warn!(
+            "conntrack walk cut after {} steps ({} entries seen): entries churned under it",
+            walk.steps,
+            walk.entries.len()
+        );
+    }
+    walk.entries
+}
+
+/// Steps a walk of the conntrack table may take per entry the table can
+/// hold (see [`bounded_walk`]).
+pub const WALK_STEPS_PER_ENTRY: usize = 4;
+
+fn conntrack_walk(map: &ConntrackMap) -> Walk<CtKey, CtEntry> {
+    use aya::maps::IterableMap as _;
+    let capacity = map
+        .map()
+        .info()
+        .map(|i| i.max_entries() as usize)
+        .unwrap_or(forwarder_common::DEFAULT_CONNTRACK_ENTRIES as usize);
+    bounded_walk(
+        map.keys(),
+        |k| map.get(k, 0).ok(),
+        WALK_STEPS_PER_ENTRY.saturating_mul(capacity.max(1)),
+    )
+}
+
+/// What a bounded walk of a live hash map saw.
+#[derive(Debug)]
+pub struct Walk<K, V> {
+    pub entries: BTreeMap<K, V>,
+    /// Keys the walk was handed (repeats included).
+    pub steps: usize,
+    /// The walk stopped at its bound rather than at the end of the map.
+    pub cut: bool,
+}
+
+/// Walks a live hash map key by key, taking at most `max_steps` keys.
+///
+/// `bpf_map_get_next_key` on a key that is no longer in the map answers
+/// with the map's first key: a walk whose current entry is evicted (LRU
+/// pressure) or deleted (the datapath closing a flow) starts over, and on a
+/// busy table it might never reach the end. The bound makes it end; what it
+/// missed, the next walk sees. Keys seen twice are kept once; a key that
+/// vanished between the two syscalls is skipped.
+pub fn bounded_walk<K: Ord, V, E: std::fmt::Display>(
+    keys: impl IntoIterator<Item = Result<K, E>>,
+    mut get: impl FnMut(&K) -> Option<V>,
+    max_steps: usize,
+) -> Walk<K, V> {
+    let mut walk = Walk {
+        entries: BTreeMap::new(),
+        steps: 0,
+        cut: false,
+    };
+    for key in keys {
+        if walk.steps == max_steps {
+            walk.cut = true;
+            break;
+        }
+        walk.steps += 1;
+        match key {
+            Ok(k) => {
+                if let Some(v) = get(&k) {
+                    walk.entries.insert(k, v);
+                }
             }
-            // Entries can vanish (LRU) while we walk.
-            Err(e) => log::debug!("conntrack walk: {e}"),
+            // The key iterator ends after an error.
+            Err(e) => log::debug!("map walk: {e}"),
         }
     }
-    entries
+    walk
 }
 
 /// How long a drain waits for a closing connection's last packets (the
@@ -1922,5 +2009,87 @@ mod tests {
         assert!(check_snat_range(31000, 31999, None).is_err());
         assert!(check_snat_range(5, 4, None).is_err());
         assert!(check_snat_range(61000, 65535, Some((1024, 65535))).is_err());
+    }
+
+    /// A hash map's key walk as the kernel does it: the next key after
+    /// `after` in bucket order, or the first key when `after` is gone.
+    /// `churn` runs after each step, as the datapath would meanwhile.
+    fn kernel_walk<'a>(
+        table: &'a std::cell::RefCell<Vec<u32>>,
+        churn: impl Fn(&mut Vec<u32>, u32) + 'a,
+    ) -> impl Iterator<Item = Result<u32, String>> + 'a {
+        let mut at: Option<u32> = None;
+        std::iter::from_fn(move || {
+            let mut keys = table.borrow_mut();
+            let next = match at.and_then(|a| keys.iter().position(|k| *k == a)) {
+                Some(i) => keys.get(i + 1).copied(),
+                None if at.is_some() => keys.first().copied(), // vanished: start over
+                None => keys.first().copied(),
+            }?;
+            at = Some(next);
+            churn(&mut keys, next);
+            Some(Ok(next))
+        })
+    }
+
+    #[test]
+    fn a_walk_of_a_quiet_map_sees_every_key_once() {
+        let table = std::cell::RefCell::new((0..1000).collect::<Vec<u32>>());
+        let walk = bounded_walk(kernel_walk(&table, |_, _| {}), |k| Some(*k), 4 * 1000);
+        assert!(!walk.cut);
+        assert_eq!(walk.steps, 1000);
+        assert_eq!(walk.entries.len(), 1000);
+    }
+
+    #[test]
+    fn a_walk_whose_entries_vanish_under_it_ends_at_its_bound() {
+        // LRU pressure: each key the walk stands on is evicted and a new
+        // flow takes its place at the end. An unbounded walk restarts from
+        // the first key at every step and never ends.
+        const CAPACITY: usize = 1000;
+        let table = std::cell::RefCell::new((0..CAPACITY as u32).collect::<Vec<u32>>());
+        let fresh = std::cell::Cell::new(CAPACITY as u32);
+        let evict_current = |keys: &mut Vec<u32>, current: u32| {
+            keys.retain(|k| *k != current);
+            keys.push(fresh.get());
+            fresh.set(fresh.get() + 1);
+        };
+        let max = WALK_STEPS_PER_ENTRY * CAPACITY;
+        let walk = bounded_walk(kernel_walk(&table, evict_current), |k| Some(*k), max);
+        assert!(walk.cut, "the walk claimed to reach the end");
+        assert_eq!(walk.steps, max);
+        assert_eq!(table.borrow().len(), CAPACITY);
+    }
+
+    #[test]
+    fn a_walk_with_some_churn_ends_and_keeps_repeats_once() {
+        // Every 10th step deletes the current key (a flow closing): the
+        // walk starts over, sees earlier keys again, and still finishes.
+        let table = std::cell::RefCell::new((0..1000).collect::<Vec<u32>>());
+        let steps = std::cell::Cell::new(0);
+        let close_some = |keys: &mut Vec<u32>, current: u32| {
+            steps.set(steps.get() + 1);
+            if steps.get() % 100 == 0 {
+                keys.retain(|k| *k != current);
+            }
+        };
+        let walk = bounded_walk(kernel_walk(&table, close_some), |k| Some(*k), 4 * 1000);
+        assert!(walk.steps > 1000, "no restart happened");
+        let unique: BTreeSet<u32> = walk.entries.keys().copied().collect();
+        assert_eq!(unique.len(), walk.entries.len());
+        for k in table.borrow().iter() {
+            assert!(walk.entries.contains_key(k) || walk.cut, "key {k} missed");
+        }
+    }
+
+    #[test]
+    fn a_key_gone_before_its_lookup_is_skipped() {
+        let table = std::cell::RefCell::new(vec![1, 2, 3]);
+        let walk = bounded_walk(
+            kernel_walk(&table, |_, _| {}),
+            |k| (*k != 2).then_some(*k),
+            12,
+        );
+        assert_eq!(walk.entries.keys().copied().collect::<Vec<_>>(), [1, 3]);
     }
 }

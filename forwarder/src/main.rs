@@ -273,7 +273,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
             }
             // Two workers: health and metrics keep answering while the
-            // daemon's own loop sweeps or reprograms a large table.
+            // daemon's own loop reprograms a large table (the conntrack
+            // sweep runs on a blocking thread of its own).
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -129,6 +129,8 @@ pub struct DaemonMetrics {
     pub source_problems: Gauge,
     pub pending: Gauge,
     pub services_skipped: crate::skips::SkippedGauges,
+    pub sweep_seconds: ReconcileHistogram,
+    pub sweep_walks_cut: Counter,
 }
 
 #[derive(Debug)]
@@ -277,6 +279,8 @@ impl Collector for DatapathCollector {
                     "pass"
                 } else if r.name().starts_with("ct_") {
                     "conntrack"
+                } else if !r.is_verdict() {
+                    "event"
                 } else {
                     "forward"
                 };
@@ -398,6 +402,16 @@ pub fn registry(pin_dir: PathBuf, object_hash: u64, daemon: &Arc<DaemonMetrics>)
         "forwarder_reconcile_pending",
         "1 while a change waits to be programmed",
         daemon.pending.clone(),
+    );
+    r.register(
+        "forwarder_conntrack_sweep_duration_seconds",
+        "Time to walk the conntrack table and delete its idle entries (on a thread of its own)",
+        daemon.sweep_seconds.0.clone(),
+    );
+    r.register(
+        "forwarder_conntrack_sweep_walks_cut",
+        "Sweeps whose walk of the conntrack table stopped at its step bound (entries churned under it)",
+        daemon.sweep_walks_cut.clone(),
     );
     // Every reason's series exists (at 0) before the first translation.
     crate::skips::set_gauges(&daemon.services_skipped, &Default::default());

@@ -395,6 +395,60 @@ fn udp_local_and_remote() -> Result<()> {
     Ok(())
 }
 
+/// IPv4 verdicts counted so far, by reason: every reason that is a
+/// packet's verdict, except `pass_not_ipv4` (ARP and IPv6 neighbour
+/// discovery on the testbed's links come and go at their own pace).
+fn ipv4_verdicts(daemon: &Daemon) -> Result<BTreeMap<&'static str, u64>> {
+    let totals = daemon.maps()?.reason_totals()?;
+    Ok(forwarder_common::Reason::ALL
+        .iter()
+        .filter(|r| r.is_verdict() && **r != forwarder_common::Reason::PassNotIpv4)
+        .map(|r| (r.name(), totals[r.name()]))
+        .filter(|(_, n)| *n != 0)
+        .collect())
+}
+
+/// N UDP datagrams and their N replies move the verdict counters by exactly
+/// 2N, whichever hooks carry them: XDP both ways (remote pod), or XDP
+/// handing the requests to tc and tc catching the replies on the pod's
+/// device (local pod), or tc alone (no XDP transmit on the wire).
+fn each_packet_counted_once(wire_napi: bool) -> Result<()> {
+    const N: usize = 40;
+    let cluster = build(PodNet::RoutedVeth, wire_napi, 1)?;
+    let frontend = SocketAddrV4::new(NODE_IPS[0], UDP_NODE_PORT);
+    for node in ["node1", "node2"] {
+        let pod = cluster.pod_on(node)?.clone();
+        cluster.write_service(SERVICE, &[&pod])?;
+        let mut daemon = start(&cluster, None)?;
+        explain(
+            &daemon,
+            (|| {
+                // One datagram first: neighbours resolved, flow tracked.
+                cluster.udp_request(frontend, 1)?;
+                let before = ipv4_verdicts(&daemon)?;
+                let replies = cluster.udp_request(frontend, N)?;
+                ensure!(replies.len() == N, "{} of {N} replies", replies.len());
+                let after = ipv4_verdicts(&daemon)?;
+                let moved: BTreeMap<&str, u64> = after
+                    .iter()
+                    .map(|(r, n)| (*r, n - before.get(r).copied().unwrap_or(0)))
+                    .filter(|(_, n)| *n != 0)
+                    .collect();
+                let total: u64 = moved.values().sum();
+                eprintln!("{N} datagrams to the pod on {node} (wire NAPI {wire_napi}): {moved:?}");
+                ensure!(
+                    total == 2 * N as u64,
+                    "{N} datagrams and {N} replies moved the verdicts by {total}: {moved:?}"
+                );
+                Ok(())
+            })(),
+        )
+        .with_context(|| format!("UDP with the pod on {node}"))?;
+        daemon.stop()?;
+    }
+    Ok(())
+}
+
 fn many_connections_and_keep_alive() -> Result<()> {
     let cluster = build(PodNet::RoutedVeth, true, 1)?;
     let pods: Vec<_> = cluster.pods().iter().collect();
@@ -754,6 +808,14 @@ fn tcp_to_remote_pod_is_source_natted() {
 fn udp_to_local_and_remote_pod() {
     skip_unless_netns_capable!();
     check(udp_local_and_remote());
+}
+
+/// 3b. Each packet counts one verdict, on the XDP path and on the tc path.
+#[test]
+fn each_packet_is_counted_once() {
+    skip_unless_netns_capable!();
+    check(each_packet_counted_once(true));
+    check(each_packet_counted_once(false));
 }
 
 /// 4. 200 connections spread over both pods; keep-alive stays on one pod.

@@ -222,26 +222,41 @@ impl Rig {
         src_port(&out)
     }
 
-    /// Runs `frame` through XDP and through tc on eth0: each must pass it
-    /// to the kernel untouched and count `reason` once.
+    /// Every verdict counted so far (events such as `ct_created` aside).
+    fn verdicts(&self) -> Result<u64> {
+        let totals = self.maps.reason_totals()?;
+        Ok(Reason::ALL
+            .iter()
+            .filter(|r| r.is_verdict())
+            .map(|r| totals[r.name()])
+            .sum())
+    }
+
+    /// Runs `frame` through XDP and then tc on eth0, as the kernel does with
+    /// a frame XDP passes: each must pass it to the kernel untouched, and
+    /// the packet is counted once, by tc, with `reason`.
     fn passes_in_both_hooks(&self, what: &str, frame: &[u8], reason: Reason) -> Result<()> {
-        for hook in ["xdp", "tc"] {
-            let before = self.count(reason)?;
-            let (verdict, out, pass) = if hook == "xdp" {
-                let (v, out) = self.xdp(self.eth0, frame)?;
-                (v, out, XDP_PASS)
-            } else {
-                let (v, out) = self.tc(self.eth0, frame)?;
-                (v, out, TC_ACT_OK)
-            };
-            ensure!(verdict == pass, "{what} ({hook}): verdict {verdict}");
-            ensure!(out == frame, "{what} ({hook}): frame changed");
-            ensure!(
-                self.count(reason)? == before + 1,
-                "{what} ({hook}): {} not counted",
-                reason.name()
-            );
-        }
+        let (before, verdicts) = (self.count(reason)?, self.verdicts()?);
+        let (v, out) = self.xdp(self.eth0, frame)?;
+        ensure!(v == XDP_PASS, "{what} (xdp): verdict {v}");
+        ensure!(out == frame, "{what} (xdp): frame changed");
+        ensure!(
+            self.verdicts()? == verdicts,
+            "{what} (xdp): XDP counted a frame it passed to tc"
+        );
+        let (v, out) = self.tc(self.eth0, frame)?;
+        ensure!(v == TC_ACT_OK, "{what} (tc): verdict {v}");
+        ensure!(out == frame, "{what} (tc): frame changed");
+        ensure!(
+            self.count(reason)? == before + 1,
+            "{what} (tc): {} not counted",
+            reason.name()
+        );
+        ensure!(
+            self.verdicts()? == verdicts + 1,
+            "{what}: {} verdicts counted for one packet",
+            self.verdicts()? - verdicts
+        );
         Ok(())
     }
 }
@@ -467,18 +482,27 @@ fn local_backend_is_left_to_tc_which_delivers_into_the_pod_keeping_the_client_ad
         let client = (CLIENT, 40002);
         let front = (NODE, NP_LOCAL_TCP);
         let syn = tcp_frame(client, front, 64, true, &[]);
-        // XDP cannot transmit into a pod: it leaves the frame untouched.
+        // XDP cannot transmit into a pod: it leaves the frame untouched,
+        // noting the hand-over but counting no verdict (tc does).
         let before = rig.count(Reason::XdpToTc)?;
+        let verdicts = rig.verdicts()?;
         let (verdict, out) = rig.xdp(rig.eth0, &syn)?;
         ensure!(verdict == XDP_PASS, "XDP verdict {verdict}");
         ensure!(out == syn, "XDP changed a frame it passed");
         ensure!(rig.count(Reason::XdpToTc)? == before + 1);
+        ensure!(rig.verdicts()? == verdicts, "XDP counted a verdict");
 
+        let peer = rig.count(Reason::TcRedirectPeer)?;
         let (verdict, out) = rig.tc(rig.eth0, &syn)?;
         ensure!(verdict == TC_ACT_REDIRECT, "tc verdict {verdict}");
         let want = rewritten(&syn, (CALI_MAC, POD_MAC), client, (LOCAL_POD, 80))?;
         assert_frame("to pod", &out, &want)?;
-        ensure!(rig.count(Reason::TcRedirectPeer)? >= 1);
+        ensure!(rig.count(Reason::TcRedirectPeer)? == peer + 1);
+        ensure!(
+            rig.verdicts()? == verdicts + 1,
+            "the SYN counted {} verdicts over both hooks",
+            rig.verdicts()? - verdicts
+        );
 
         // The pod's reply, caught at tc ingress on its host-side veth.
         let reply = tcp_frame(
@@ -661,7 +685,9 @@ fn truncated_frames_at_every_length_pass_without_state() {
             tcp_frame((REMOTE_POD, 80), (NODE, 61000), 64, false, &[]),
         ];
         let before = rig.count(Reason::PassMalformed)?;
-        let mut cut = 0;
+        let verdicts = rig.verdicts()?;
+        // Only tc counts a frame XDP passes (tc sees it next).
+        let mut tc_runs = 0;
         for frame in &frames {
             // The kernel refuses XDP test frames shorter than an Ethernet
             // header, and skb test frames whose IPv4 header is incomplete.
@@ -672,7 +698,6 @@ fn truncated_frames_at_every_length_pass_without_state() {
                     v == XDP_PASS && out == short,
                     "XDP, {len} bytes: verdict {v}"
                 );
-                cut += 1;
                 if len >= 14 + 20 {
                     let (v, out) = rig
                         .tc(rig.eth0, short)
@@ -681,17 +706,18 @@ fn truncated_frames_at_every_length_pass_without_state() {
                         v == TC_ACT_OK && out == short,
                         "tc, {len} bytes: verdict {v}"
                     );
-                    cut += 1;
+                    tc_runs += 1;
                 }
             }
         }
-        // Every cut falls inside the IPv4 or L4 header: each run counts one
-        // malformed packet.
+        // Every cut falls inside the IPv4 or L4 header: each tc run counts
+        // one malformed packet, and nothing else counted a verdict.
         let malformed = rig.count(Reason::PassMalformed)? - before;
         ensure!(
-            malformed == cut,
-            "{malformed} of {cut} runs counted as malformed"
+            malformed == tc_runs,
+            "{malformed} of {tc_runs} tc runs counted as malformed"
         );
+        ensure!(rig.verdicts()? - verdicts == tc_runs);
         ensure!(
             rig.count(Reason::CtCreated)? == 0,
             "a truncated frame created a flow"
@@ -908,7 +934,9 @@ fn packets_on_a_device_their_flow_does_not_use_are_not_translated() {
             v == TC_ACT_OK && out == outside,
             "pod reply from outside (tc): {v}"
         );
-        ensure!(rig.count(Reason::PassWrongDevice)? == before + 4);
+        // Three verdicts: tc's on cali1 (twice) and on eth0; the XDP run
+        // on eth0 leaves its frame's verdict to tc.
+        ensure!(rig.count(Reason::PassWrongDevice)? == before + 3);
         // The real reply on the pod's device still works.
         let (v, _) = rig.tc(rig.cali, &outside)?;
         ensure!(v == TC_ACT_REDIRECT, "real reply verdict {v}");
@@ -977,6 +1005,12 @@ fn draining_takes_no_new_flows_and_keeps_translating_existing_ones() {
         ensure!(
             v == XDP_PASS && out == syn,
             "new flow while draining: verdict {v}"
+        );
+        ensure!(rig.count(Reason::PassDraining)? == 0, "XDP counted a pass");
+        let (v, out) = rig.tc(rig.eth0, &syn)?;
+        ensure!(
+            v == TC_ACT_OK && out == syn,
+            "new flow while draining (tc): verdict {v}"
         );
         ensure!(rig.count(Reason::PassDraining)? == 1);
         let data = tcp_frame(old, front, 64, false, b"more");
