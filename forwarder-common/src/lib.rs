@@ -354,9 +354,14 @@ pub struct IfaceInfo {
     /// For a bridge port: the bridge's ifindex (routes name the bridge, a
     /// pod's replies come in on its port); 0 otherwise.
     pub master_ifindex: u32,
-    pub _pad: u32,
+    /// The destination MAC of frames addressed to this node as they come in
+    /// here: the device's own address, or for a bridge port its bridge's.
+    /// A unicast frame to any other MAC is not the node's (the kernel marks
+    /// it PACKET_OTHERHOST and drops it), so it is never translated.
+    pub host_mac: [u8; 6],
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 20);
 
 /// Datapath settings, the single entry of the config array.
 #[repr(C)]
@@ -478,6 +483,18 @@ macro_rules! reasons {
                 matches!(self, Reason::DropNoLocalBackend | Reason::DropRedirectFailed)
             }
 
+            /// A verdict (each packet counts exactly one), not an event
+            /// counted beside it.
+            pub const fn is_verdict(self) -> bool {
+                !matches!(
+                    self,
+                    Reason::CtCreated
+                        | Reason::CtRecycled
+                        | Reason::IcmpTranslated
+                        | Reason::AffinityHit
+                )
+            }
+
             pub const fn description(self) -> &'static str {
                 match self { $(Reason::$variant => $doc,)* }
             }
@@ -517,6 +534,10 @@ reasons! {
     CtRecycled = "ct_recycled": "expired or closed flows replaced by a new one (not a verdict)",
     IcmpTranslated = "icmp_translated": "ICMP errors about a flow translated with it (not a verdict)",
     AffinityHit = "affinity_hit": "new flows sent to the client's sessionAffinity backend (not a verdict)",
+    // Appended, so pinned counters of older versions keep their names.
+    PassOtherHost = "pass_other_host": "passed: unicast to another host's MAC address (the kernel drops it)",
+    PassNotUnicast = "pass_not_unicast": "passed: sent to a broadcast or multicast MAC address",
+    PassIpOptions = "pass_ip_options": "passed: IPv4 options other than padding (the kernel acts on them)",
 }
 
 #[cfg(feature = "user")]
@@ -553,6 +574,18 @@ mod tests {
             for b in &Reason::ALL[i + 1..] {
                 assert_ne!(a.name(), b.name());
             }
+        }
+    }
+
+    #[test]
+    fn events_beside_verdicts_say_so() {
+        for r in Reason::ALL {
+            assert_eq!(
+                r.is_verdict(),
+                !r.description().ends_with("(not a verdict)"),
+                "{}",
+                r.name()
+            );
         }
     }
 

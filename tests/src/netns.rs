@@ -658,12 +658,14 @@ pub fn configure_test_run_node(maps: &mut forwarder::maps::Maps) -> Result<(u32,
     let external = IfaceInfo {
         snat_addr_be: u32::from_ne_bytes([192, 0, 2, 1]),
         flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
+        host_mac: forwarder::netdev::mac("eth0")?,
         ..IfaceInfo::default()
     };
     maps.ifaces.insert(eth0, external, 0)?;
     let pod = IfaceInfo {
         snat_addr_be: 0,
         flags: IFACE_F_VETH_PEER,
+        host_mac: forwarder::netdev::mac("cali1")?,
         ..IfaceInfo::default()
     };
     maps.ifaces.insert(cali, pod, 0)?;
