@@ -581,6 +581,11 @@ fn xdp_link_create(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
 /// forwarding on. Named `<unique prefix><suffix>`.
 pub fn test_run_node(suffix: &str) -> Result<Netns> {
     let ns = Netns::create(&format!("{}{suffix}", unique_prefix()))?;
+    // No IPv6 on the devices: their router and multicast-listener
+    // solicitations would reach the attached XDP program at random moments
+    // and move the counters the tests account for exactly.
+    ns.sysctl("ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("ipv6.conf.default.disable_ipv6", "1")?;
     let commands: [&[&str]; 14] = [
         &[
             "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",

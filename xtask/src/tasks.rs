@@ -413,6 +413,36 @@ pub fn demo(args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
+/// `cargo xtask fuzz`: setup, then tests/tests/fuzz.rs with `frames` frames
+/// (`FUZZ_FRAMES`) and the seed if given (`FUZZ_SEED`).
+pub fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
+    require_root("fuzz")?;
+    let paths = paths()?;
+    setup::setup()?;
+    say!(
+        "fuzzing the datapath with {frames} frames{}",
+        seed.map(|s| format!(", seed {s}")).unwrap_or_default()
+    );
+    let mut cmd = paths.cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--test",
+        "fuzz",
+        "--",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env("FUZZ_FRAMES", frames.to_string());
+    if let Some(seed) = seed {
+        cmd.env("FUZZ_SEED", seed.to_string());
+    }
+    paths.binary_env(&mut cmd);
+    cmd::run(&mut cmd)
+}
+
 /// Runs `target/release/bench` (as root) with the binaries' environment.
 fn run_bench(paths: &Paths, quick: bool, out: &Path, extra: &[String]) -> Result<()> {
     let bench = paths.release.join("bench");
