@@ -216,11 +216,7 @@ fn refused(f: &[u8], device_mac: [u8; 6]) -> Option<&'static str> {
                 return Some("UDP length");
             }
         }
-        ICMP => {
-            if l4.len() < 8 {
-                return Some("ICMP header cut short");
-            }
-        }
+        ICMP if l4.len() < 8 => return Some("ICMP header cut short"),
         _ => {}
     }
     None
@@ -1231,6 +1227,24 @@ impl Fuzzer<'_> {
 fn sorted(mut keys: Vec<CtKey>) -> Vec<CtKey> {
     keys.sort();
     keys
+}
+
+/// The CHECKSUM_COMPLETE runs can fail: a program that rewrites a byte
+/// without carrying `skb->csum` along is refused with EBADMSG.
+#[test]
+fn checksum_complete_runs_catch_a_stale_csum() {
+    skip_unless_netns_capable!();
+    let prog = integration_tests::bench::bpf::Prog::tc_stale_csum().unwrap();
+    let frame = tcp_flags_frame((CLIENT, 40000), (NODE, NP_REMOTE_TCP), &["syn"], &[]);
+    let ctx = vec![0u8; 44];
+    let run = |frame: &[u8], flags| packet_rig::test_run(prog.fd(), frame, &ctx, flags);
+    let complete = packet_rig::BPF_F_TEST_SKB_CHECKSUM_COMPLETE;
+    let (v, out) = run(&frame, 0).expect("a plain skb");
+    assert_eq!((v, out[L3 + 8]), (TC_ACT_OK, 127));
+    let err = run(&frame, complete).expect_err("a stale csum");
+    assert_eq!(err.raw_os_error(), Some(libc::EBADMSG), "{err}");
+    // Writing what is already there leaves the sum right.
+    run(&out, complete).expect("nothing changed");
 }
 
 #[test]
