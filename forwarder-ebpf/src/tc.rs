@@ -121,6 +121,13 @@ fn link_layer_host(
 
 #[inline(always)]
 fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
+    // A VLAN-tagged frame reaches tc with its tag already taken out of the
+    // bytes (skb_vlan_untag, or the NIC): it belongs to the VLAN's device,
+    // to which the kernel delivers it after tc, not to this one.
+    // SAFETY: `skb` is the program's own context, valid for its run.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Err(Reason::PassNotIpv4);
+    }
     // Direct access needs the headers linear (GRO'd or paged skbs may not be).
     let want = (ctx.len() as usize).min(MAX_HEADERS_LEN);
     if ctx.data_end() - ctx.data() < want {
