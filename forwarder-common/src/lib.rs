@@ -33,8 +33,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const BACKEND_MEMBERS: &str = "BACKEND_MEMBERS";
     pub const FLOW_PASS_STATS: &str = "FLOW_PASS_STATS";
+    pub const POLICED_PODS: &str = "POLICED_PODS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
@@ -48,6 +49,7 @@ pub mod map_names {
         AFFINITY,
         BACKEND_MEMBERS,
         FLOW_PASS_STATS,
+        POLICED_PODS,
     ];
 }
 
@@ -74,6 +76,8 @@ pub const MAX_BACKEND_SLOTS: u32 = 16_384;
 pub const MAX_BACKENDS_PER_FRONTEND: u32 = 65_535;
 /// Default capacity of the sessionAffinity ClientIP table (LRU).
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
+/// Local pods whose policing reason `forwarder services` can show.
+pub const MAX_POLICED_PODS: u32 = 4_096;
 
 /// Key of the frontends map: one entry per (address, port, protocol) we accept.
 #[repr(C)]
@@ -158,6 +162,10 @@ const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 /// The backend runs on this node: keep the client address, no source NAT.
 pub const BACKEND_F_LOCAL: u16 = 1 << 0;
+/// A local pod that an ingress NetworkPolicy selects, on a node whose CNI
+/// enforces policy in netfilter: its new flows are kube-proxy's, so the
+/// policy's FORWARD rules see them.
+pub const BACKEND_F_POLICED: u16 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
@@ -527,6 +535,7 @@ reasons! {
     PassKernelFlow = "pass_kernel_flow": "passed: nf_conntrack already tracks this SYN's connection (kube-proxy's)",
     PassWrongDevice = "pass_wrong_device": "passed: a flow's packet on a device its packets do not come in on",
     PassIcmp = "pass_icmp": "passed: ICMP that quotes no flow of ours (the kernel's)",
+    PassPoliced = "pass_policed": "passed: the chosen backend is a local pod under NetworkPolicy (netfilter enforces it)",
     XdpIcmpFragNeeded = "xdp_icmp_frag_needed": "answered by XDP with ICMP fragmentation needed (the route's MTU is smaller)",
     DropNoLocalBackend = "drop_no_local_backend": "dropped: externalTrafficPolicy Local with no local backend",
     DropRedirectFailed = "drop_redirect_failed": "dropped: a redirect helper failed after the rewrite",

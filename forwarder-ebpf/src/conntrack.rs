@@ -166,8 +166,18 @@ pub struct NewFlow {
     pub hash: u32,
 }
 
+/// Removes both entries of a closed flow whose tuple a new SYN reuses, when
+/// that SYN goes to the kernel: left behind, they would translate the
+/// kernel's connection from its second packet on.
+#[inline(always)]
+pub fn forget(key: &CtKey, peer: &CtKey) {
+    let _ = CONNTRACK.remove(*key);
+    let _ = CONNTRACK.remove(*peer);
+}
+
 /// Creates both entries of `flow`, leaving through `route`; returns the
-/// packet's translation.
+/// packet's translation. A closed flow on the same tuple (`stale`) is
+/// replaced, or forgotten if the new flow cannot be tracked.
 #[inline(always)]
 pub fn commit(
     flow: &NewFlow,
@@ -178,11 +188,27 @@ pub fn commit(
     cfg: &Config,
     now: u64,
 ) -> Result<Translation, Reason> {
-    let (fe, be) = (&flow.fe, &flow.be);
     if stale {
         let _ = CONNTRACK.remove(*stale_peer);
         stats::count(Reason::CtRecycled);
     }
+    let created = create(flow, stale, h, route, cfg, now);
+    if created.is_err() && stale {
+        let _ = CONNTRACK.remove(flow.key);
+    }
+    created
+}
+
+#[inline(always)]
+fn create(
+    flow: &NewFlow,
+    stale: bool,
+    h: &Headers,
+    route: &Route,
+    cfg: &Config,
+    now: u64,
+) -> Result<Translation, Reason> {
+    let (fe, be) = (&flow.fe, &flow.be);
     let state = CT_STATE_NEW;
     let snat = be.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_NO_SNAT == 0;
     let (src_addr, src_port, reply_key) = if snat {

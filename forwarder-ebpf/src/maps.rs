@@ -7,7 +7,7 @@ use forwarder_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters, CtEntry, CtKey,
     DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason, ServiceLabel,
     DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKEND_SLOTS,
-    MAX_FRONTENDS, MAX_IFACES, MAX_STATS_SLOTS,
+    MAX_FRONTENDS, MAX_IFACES, MAX_POLICED_PODS, MAX_STATS_SLOTS,
 };
 
 #[map]
@@ -63,5 +63,11 @@ pub static BACKEND_MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(
 
 /// Packets of tracked flows handed to the kernel, by reason: each one is a
 /// packet netfilter sees in the middle of a flow it never saw begin.
+/// Policed local pod address -> why NetworkPolicy guards it (the datapath
+/// reads `BACKEND_F_POLICED`); only userspace reads and writes it.
+#[map]
+pub static POLICED_PODS: HashMap<u32, ServiceLabel> =
+    HashMap::with_max_entries(MAX_POLICED_PODS, 0);
+
 #[map]
 pub static FLOW_PASS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

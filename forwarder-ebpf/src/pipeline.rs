@@ -92,6 +92,11 @@ pub fn plan(
         Hook::Tc => 0,
     };
     let (fib, route) = fib::lookup(ctx, &out.query);
+    if out.is_new && out.stale && matches!(fib, Fib::Fail | Fib::FragNeeded) {
+        // Not ours after all (see `choose`): the kernel's from this SYN on.
+        conntrack::forget(&out.flow.key, &out.stale_peer);
+        out.stale = false;
+    }
     out.fib = fib;
     out.route = route;
     Ok(())
@@ -149,7 +154,31 @@ fn choose(
         return Ok(());
     }
 
-    // A new flow: only from clients, only to a frontend, only a SYN.
+    let decided = choose_new(ctx, hook, h, ingress, cfg, now, key, out);
+    if decided.is_err() && lookup.stale {
+        // The SYN goes to the kernel: the closed flow's entries must not
+        // catch the rest of the kernel's new connection on the same tuple.
+        conntrack::forget(&key, &lookup.stale_peer);
+    }
+    out.stale = lookup.stale;
+    out.stale_peer = lookup.stale_peer;
+    decided
+}
+
+/// A new flow: only from clients, only to a frontend, only a SYN, and only
+/// to a backend the forwarder may carry.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn choose_new(
+    ctx: *mut c_void,
+    hook: Hook,
+    h: &Headers,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
+    key: CtKey,
+    out: &mut Plan,
+) -> Result<(), Reason> {
     if ingress.flags & IFACE_F_EXTERNAL == 0 {
         return Err(Reason::PassNoService);
     }
@@ -189,8 +218,6 @@ fn choose(
     out.query.sport = h.sport;
     out.query.dport = be.port_be;
     out.is_new = true;
-    out.stale = lookup.stale;
-    out.stale_peer = lookup.stale_peer;
     out.flow = NewFlow {
         key,
         fe,

@@ -5,7 +5,7 @@
 //! `-m recent --rcheck --seconds T` does it, else the flow hash.
 use forwarder_common::{
     hash::flow_hash, AffinityKey, AffinityValue, Backend, BackendKey, Frontend, FrontendKey,
-    MemberKey, Reason,
+    MemberKey, Reason, BACKEND_F_POLICED,
 };
 
 use crate::{
@@ -34,25 +34,34 @@ pub struct Selected {
     pub by_affinity: bool,
 }
 
+/// A backend under NetworkPolicy is never the forwarder's: the flow goes to
+/// kube-proxy from this first packet, so the policy's netfilter rules judge
+/// it. The hash is the flow's own, so every later packet of the flow (a SYN
+/// retransmit, the next UDP datagram) comes to the same answer.
 #[inline(always)]
 pub fn select_backend(h: &Headers, fe: &Frontend, now: u64) -> Result<Selected, Reason> {
     let hash = flow_hash(h.saddr, h.daddr, h.sport, h.dport, h.proto);
+    let mut chosen = None;
     if fe.affinity_timeout_s != 0 {
-        if let Some(be) = affinity_backend(h, fe, now) {
-            return Ok(Selected {
-                be,
-                hash,
-                by_affinity: true,
-            });
-        }
+        chosen = affinity_backend(h, fe, now);
     }
-    let index = hash
-        .checked_rem(fe.backend_count)
-        .ok_or(Reason::PassNoBackend)?;
+    let by_affinity = chosen.is_some();
+    let be = match chosen {
+        Some(be) => be,
+        None => {
+            let index = hash
+                .checked_rem(fe.backend_count)
+                .ok_or(Reason::PassNoBackend)?;
+            backend_at(fe.backend_set, index)?
+        }
+    };
+    if be.flags & BACKEND_F_POLICED != 0 {
+        return Err(Reason::PassPoliced);
+    }
     Ok(Selected {
-        be: backend_at(fe.backend_set, index)?,
+        be,
         hash,
-        by_affinity: false,
+        by_affinity,
     })
 }
 

@@ -23,7 +23,9 @@ use crate::{
     model::{Desired, NodeContext},
     netdev::{self, Ipv4Cidr},
     observe::{self, DaemonMetrics, Health},
-    plan, skips,
+    plan,
+    policy::Enforcement,
+    skips,
     source::{self, ObjectSet},
     translate::{self, ServiceSelection},
 };
@@ -56,6 +58,8 @@ pub struct RunArgs {
     pub health_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub health_timeout: Duration,
+    /// Where NetworkPolicy is enforced on this node.
+    pub network_policy: Enforcement,
 }
 
 /// Conntrack timeouts by TCP state and for UDP, named as kube-proxy's flags
@@ -198,10 +202,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         SourceArg::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
+            let policy = match args.network_policy {
+                Enforcement::Netfilter => kube_source::PolicyWatch::On {
+                    node_name: args.node_name.clone(),
+                },
+                Enforcement::OutsideNetfilter => kube_source::PolicyWatch::Off,
+            };
             tokio::spawn(kube_source::watch_kubernetes(
                 client,
                 tx,
                 kube_source::WatchOptions::default(),
+                policy,
             ));
         }
     }
@@ -427,6 +438,7 @@ fn reconcile(
         let node = NodeContext {
             node_name: args.node_name.clone(),
             node_addresses: addresses.clone(),
+            policing: set.policing(args.network_policy, &args.node_name),
         };
         let t =
             translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
@@ -434,6 +446,22 @@ fn reconcile(
         let current = dp.maps.snapshot()?;
         let ops = plan::plan(&t.desired, &current)?;
         dp.maps.apply(&ops)?;
+        match dp.maps.set_policed_pods(&t.policed) {
+            Ok(0) => {}
+            Ok(n) => warn!("{n} policed local pods are policed but cannot be explained in `forwarder services` (POLICED_PODS is full)"),
+            Err(e) => warn!("{e:#}"),
+        }
+        if !t.policed.is_empty() {
+            info!(
+                "NetworkPolicy: new flows to {} local pods under ingress policy go to kube-proxy ({})",
+                t.policed.len(),
+                t.policed
+                    .keys()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let backends: usize = t.desired.frontends.values().map(|f| f.backends.len()).sum();
         info!(
             "programmed {} frontends, {} backend references ({} map writes) from {} Services, {} EndpointSlices",

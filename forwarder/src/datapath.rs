@@ -293,6 +293,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         ),
         map_names::BACKEND_MEMBERS => (MapType::Hash, size_of::<MemberKey>() as u32, u32s),
         map_names::FLOW_PASS_STATS => (MapType::PerCpuArray, u32s, size_of::<u64>() as u32),
+        map_names::POLICED_PODS => (MapType::Hash, u32s, size_of::<ServiceLabel>() as u32),
         _ => return None,
     })
 }
@@ -1440,6 +1441,7 @@ mod tests {
                     addr: Ipv4Addr::new(10, 244, 1, backend_last),
                     port: 80,
                     local: true,
+                    policed: false,
                 }],
                 no_snat: false,
                 drop_if_empty: false,

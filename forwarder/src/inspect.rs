@@ -8,9 +8,9 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use forwarder_common::{
-    map_names, BackendKey, BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CT_STATE_CLOSED,
-    CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_SYN_RECV, IFACE_F_EXTERNAL, IFACE_F_VETH_PEER,
-    IFACE_F_XDP_TX,
+    map_names, BackendKey, BACKEND_F_LOCAL, BACKEND_F_POLICED, CT_F_REPLY, CT_F_SNAT,
+    CT_STATE_CLOSED, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_SYN_RECV, IFACE_F_EXTERNAL,
+    IFACE_F_VETH_PEER, IFACE_F_XDP_TX,
 };
 use serde::Serialize;
 
@@ -37,6 +37,10 @@ fn proto_name(p: u8) -> String {
 pub struct BackendRow {
     pub backend: String,
     pub local: bool,
+    /// A local pod under ingress NetworkPolicy: its new flows go to
+    /// kube-proxy, and this says which policies (or why in doubt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policed: Option<String>,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -57,6 +61,7 @@ pub struct ServiceRow {
 /// Every programmed service port: its frontends, its backends and counters.
 pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
     let snap = maps.snapshot()?;
+    let policed = maps.policed_pods()?;
     let mut rows: BTreeMap<u32, ServiceRow> = BTreeMap::new();
     for (k, f) in &snap.frontends {
         let row = rows.entry(f.stats_slot).or_insert_with(|| ServiceRow {
@@ -88,6 +93,12 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
                     row.backends.push(BackendRow {
                         backend: endpoint(b.addr_be, b.port_be),
                         local: b.flags & BACKEND_F_LOCAL != 0,
+                        policed: (b.flags & BACKEND_F_POLICED != 0).then(|| {
+                            policed
+                                .get(&b.addr_be)
+                                .cloned()
+                                .unwrap_or_else(|| "NetworkPolicy".into())
+                        }),
                         packets: if b.stats_slot == 0 { 0 } else { c.packets },
                         bytes: if b.stats_slot == 0 { 0 } else { c.bytes },
                     });
@@ -262,6 +273,11 @@ pub fn map_fill(maps: &Maps, pin_dir: &Path) -> Result<Vec<MapFill>> {
             entries: maps.backend_members.keys().count(),
             capacity: capacity(map_names::BACKEND_MEMBERS),
         },
+        MapFill {
+            name: map_names::POLICED_PODS,
+            entries: maps.policed_pods.keys().count(),
+            capacity: capacity(map_names::POLICED_PODS),
+        },
     ])
 }
 
@@ -403,6 +419,10 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
                 b.packets,
                 b.bytes
             );
+            if let Some(why) = &b.policed {
+                // Its packets count under kube-proxy, not here.
+                let _ = writeln!(o, "{:<44} {:<24}   policed, to kube-proxy: {why}", "", "");
+            }
         }
     }
     o
@@ -459,6 +479,7 @@ mod tests {
             backends: vec![BackendRow {
                 backend: "10.244.1.5:8080".into(),
                 local: true,
+                policed: None,
                 packets: 1,
                 bytes: 60,
             }],
@@ -467,6 +488,18 @@ mod tests {
             packets: 1,
             bytes: 60,
         }
+    }
+
+    #[test]
+    fn services_show_policed_backends_and_why() {
+        let mut r = row(false, 0);
+        r.backends[0].policed = Some("NetworkPolicy ns/deny-one".into());
+        let text = render_services(&[r]);
+        assert!(
+            text.contains("policed, to kube-proxy: NetworkPolicy ns/deny-one"),
+            "{text}"
+        );
+        assert!(!render_services(&[row(false, 0)]).contains("policed"));
     }
 
     #[test]

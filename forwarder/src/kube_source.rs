@@ -27,7 +27,6 @@ use std::{
     collections::hash_map::RandomState,
     fmt,
     hash::BuildHasher,
-    pin::pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -35,9 +34,13 @@ use std::{
     time::Duration,
 };
 
-use futures::{stream, Stream, StreamExt};
+use futures::{stream, StreamExt};
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -215,10 +218,12 @@ fn object_name(meta: &ObjectMeta) -> String {
     )
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Service,
     EndpointSlice,
+    Pod,
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -227,6 +232,8 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -236,7 +243,57 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Service => "Services",
             Kind::EndpointSlice => "EndpointSlices",
+            Kind::Pod => "Pods",
+            Kind::NetworkPolicy => "NetworkPolicies",
         })
+    }
+}
+
+/// Whether the source also watches what NetworkPolicy enforcement needs
+/// (see `policy`): every NetworkPolicy, and the Pods of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PolicyWatch {
+    /// Services and EndpointSlices only.
+    #[default]
+    Off,
+    /// Also NetworkPolicies, and Pods with `spec.nodeName` = `node_name`.
+    On { node_name: String },
+}
+
+/// Which objects of a kind a list-watch asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Selector {
+    labels: Option<String>,
+    fields: Option<String>,
+}
+
+impl Selector {
+    /// kube-proxy's, for Services and EndpointSlices.
+    fn proxy() -> Self {
+        Selector {
+            labels: Some(LABEL_SELECTOR.into()),
+            fields: None,
+        }
+    }
+
+    fn list(&self, mut params: ListParams) -> ListParams {
+        if let Some(labels) = &self.labels {
+            params = params.labels(labels);
+        }
+        if let Some(fields) = &self.fields {
+            params = params.fields(fields);
+        }
+        params
+    }
+
+    fn watch(&self, mut params: WatchParams) -> WatchParams {
+        if let Some(labels) = &self.labels {
+            params = params.labels(labels);
+        }
+        if let Some(fields) = &self.fields {
+            params = params.fields(fields);
+        }
+        params
     }
 }
 
@@ -356,10 +413,10 @@ enum ListFrom {
 }
 
 impl ListFrom {
-    fn params(&self) -> ListParams {
+    fn params(&self, selector: &Selector) -> ListParams {
         // Unpaged: kube-rs leaves resourceVersion=0 out of a paged list,
         // which would make every list a quorum read from etcd.
-        let params = ListParams::default().labels(LABEL_SELECTOR);
+        let params = selector.list(ListParams::default());
         match self {
             ListFrom::Cache => params.match_any(),
             ListFrom::NotOlderThan(version) => {
@@ -443,6 +500,7 @@ where
 {
     api: Api<Tolerant<K>>,
     kind: Kind,
+    selector: Selector,
     writer: reflector::store::Writer<Tolerant<K>>,
     backoff: ExponentialBackoff,
     counters: &'static WatchCounters,
@@ -506,9 +564,9 @@ where
             match std::mem::replace(&mut self.phase, Phase::List(ListFrom::Consistent)) {
                 Phase::List(from) => return self.list(from).await,
                 Phase::Watch(from) => {
-                    let params = WatchParams::default()
-                        .labels(LABEL_SELECTOR)
-                        .timeout(WATCH_TIMEOUT_S);
+                    let params = self
+                        .selector
+                        .watch(WatchParams::default().timeout(WATCH_TIMEOUT_S));
                     match self.api.watch(&params, &from.version).await {
                         Ok(stream) => {
                             self.phase = Phase::Watching {
@@ -596,7 +654,7 @@ where
 
     async fn list(&mut self, from: ListFrom) -> Step {
         debug!("kubernetes: listing {} {from}", self.kind);
-        match self.api.list(&from.params()).await {
+        match self.api.list(&from.params(&self.selector)).await {
             Ok(list) => {
                 let Some(version) = list.metadata.resource_version.filter(|v| !v.is_empty()) else {
                     return self.failed(
@@ -635,10 +693,11 @@ where
 fn watch_kind<K>(
     client: Client,
     kind: Kind,
+    selector: Selector,
     writer: reflector::store::Writer<Tolerant<K>>,
     options: &WatchOptions,
     counters: &'static WatchCounters,
-) -> impl Stream<Item = (Kind, Step)> + Send
+) -> futures::stream::BoxStream<'static, (Kind, Step)>
 where
     K: k8s_openapi::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + k8s_openapi::Metadata<Ty = ObjectMeta>
@@ -652,6 +711,7 @@ where
     let state = ListWatch {
         api: Api::<Tolerant<K>>::all(client),
         kind,
+        selector,
         writer,
         backoff: ExponentialBackoff::new(options),
         counters,
@@ -662,11 +722,25 @@ where
         let step = state.step().await;
         Some(((kind, step), state))
     })
+    .boxed()
 }
 
 /// The valid objects of a store, sorted by namespace/name; malformed ones
 /// go to `problems`.
 fn collect<K: Clone>(kind: Kind, store: &Store<Tolerant<K>>, problems: &mut Vec<String>) -> Vec<K>
+where
+    Tolerant<K>: kube::Resource<DynamicType = ()>,
+{
+    collect_noting(kind, store, problems, &mut Vec::new())
+}
+
+/// [`collect`], also noting the namespace of each malformed object.
+fn collect_noting<K: Clone>(
+    kind: Kind,
+    store: &Store<Tolerant<K>>,
+    problems: &mut Vec<String>,
+    malformed: &mut Vec<Option<String>>,
+) -> Vec<K>
 where
     Tolerant<K>: kube::Resource<DynamicType = ()>,
 {
@@ -680,12 +754,15 @@ where
     for object in objects {
         match object.as_ref() {
             Tolerant::Valid(o) => valid.push(o.clone()),
-            Tolerant::Malformed(m) => problems.push(format!(
-                "{} {}: cannot be read: {}",
-                kind.object(),
-                object_name(&m.metadata),
-                m.error
-            )),
+            Tolerant::Malformed(m) => {
+                problems.push(format!(
+                    "{} {}: cannot be read: {}",
+                    kind.object(),
+                    object_name(&m.metadata),
+                    m.error
+                ));
+                malformed.push(m.metadata.namespace.clone());
+            }
         }
     }
     valid
@@ -697,8 +774,9 @@ pub async fn watch_kubernetes(
     client: Client,
     tx: watch::Sender<Option<ObjectSet>>,
     options: WatchOptions,
+    policy: PolicyWatch,
 ) {
-    watch_kubernetes_counted(client, tx, options, &COUNTERS).await
+    watch_kubernetes_counted(client, tx, options, policy, &COUNTERS).await
 }
 
 /// [`watch_kubernetes`], counting into `counters`.
@@ -706,34 +784,71 @@ pub async fn watch_kubernetes_counted(
     client: Client,
     tx: watch::Sender<Option<ObjectSet>>,
     options: WatchOptions,
+    policy: PolicyWatch,
     counters: &'static WatchCounters,
 ) {
     let (services, services_writer) = reflector::store::<Tolerant<Service>>();
     let (slices, slices_writer) = reflector::store::<Tolerant<EndpointSlice>>();
-    let events = stream::select(
+    let (pods, pods_writer) = reflector::store::<Tolerant<Pod>>();
+    let (policies, policies_writer) = reflector::store::<Tolerant<NetworkPolicy>>();
+    let mut watches = vec![
         watch_kind(
             client.clone(),
             Kind::Service,
+            Selector::proxy(),
             services_writer,
             &options,
             counters,
         ),
         watch_kind(
-            client,
+            client.clone(),
             Kind::EndpointSlice,
+            Selector::proxy(),
             slices_writer,
             &options,
             counters,
         ),
-    );
-    let mut events = pin!(events);
+    ];
+    if let PolicyWatch::On { node_name } = &policy {
+        watches.push(watch_kind(
+            client.clone(),
+            Kind::Pod,
+            Selector {
+                labels: None,
+                fields: Some(format!("spec.nodeName={node_name}")),
+            },
+            pods_writer,
+            &options,
+            counters,
+        ));
+        watches.push(watch_kind(
+            client,
+            Kind::NetworkPolicy,
+            Selector::default(),
+            policies_writer,
+            &options,
+            counters,
+        ));
+    }
+    // Nothing is published before every watched kind is listed.
+    let mut unlisted: std::collections::BTreeSet<Kind> = [Kind::Service, Kind::EndpointSlice]
+        .into_iter()
+        .chain(
+            matches!(policy, PolicyWatch::On { .. })
+                .then_some([Kind::Pod, Kind::NetworkPolicy])
+                .into_iter()
+                .flatten(),
+        )
+        .collect();
+    let mut events = stream::select_all(watches);
 
-    let mut services_listed = false;
-    let mut slices_listed = false;
     let mut changed = false;
     let mut publish_at: Option<Instant> = None;
     let mut generation = 0u64;
     info!("kubernetes: watching Services (core/v1) and EndpointSlices (discovery.k8s.io/v1) with label selector {LABEL_SELECTOR:?}");
+    if let PolicyWatch::On { node_name } = &policy {
+        info!("kubernetes: watching NetworkPolicies (networking.k8s.io/v1) and the Pods of node {node_name} (core/v1), for policy enforced in netfilter");
+    }
     loop {
         tokio::select! {
             _ = tx.closed() => return,
@@ -743,10 +858,7 @@ pub async fn watch_kubernetes_counted(
                 match step {
                     Step::Relisting | Step::Failed => {}
                     Step::Listed => {
-                        match kind {
-                            Kind::Service => services_listed = true,
-                            Kind::EndpointSlice => slices_listed = true,
-                        }
+                        unlisted.remove(&kind);
                         changed = true;
                     }
                     Step::Changed => changed = true,
@@ -757,17 +869,35 @@ pub async fn watch_kubernetes_counted(
                 changed = false;
                 generation += 1;
                 let mut problems = Vec::new();
+                let mut unreadable_policies = Vec::new();
                 let set = ObjectSet {
                     services: collect(Kind::Service, &services, &mut problems),
                     endpoint_slices: collect(Kind::EndpointSlice, &slices, &mut problems),
+                    pods: collect(Kind::Pod, &pods, &mut problems),
+                    network_policies: collect_noting(
+                        Kind::NetworkPolicy,
+                        &policies,
+                        &mut problems,
+                        &mut unreadable_policies,
+                    ),
+                    unreadable_policies,
                     problems,
                     generation,
                 };
                 if generation == 1 {
                     info!(
-                        "kubernetes: initial lists complete: {} Services, {} EndpointSlices",
+                        "kubernetes: initial lists complete: {} Services, {} EndpointSlices{}",
                         set.services.len(),
-                        set.endpoint_slices.len()
+                        set.endpoint_slices.len(),
+                        if matches!(policy, PolicyWatch::On { .. }) {
+                            format!(
+                                ", {} Pods on this node, {} NetworkPolicies",
+                                set.pods.len(),
+                                set.network_policies.len() + set.unreadable_policies.len()
+                            )
+                        } else {
+                            String::new()
+                        }
                     );
                 }
                 if !set.problems.is_empty() {
@@ -778,8 +908,8 @@ pub async fn watch_kubernetes_counted(
                 }
             }
         }
-        if changed && publish_at.is_none() && services_listed && slices_listed {
-            // The first set as soon as both lists are in; later ones batched.
+        if changed && publish_at.is_none() && unlisted.is_empty() {
+            // The first set as soon as every list is in; later ones batched.
             publish_at = Some(if generation == 0 {
                 Instant::now()
             } else {
@@ -867,7 +997,7 @@ mod list_from_tests {
     fn query(from: ListFrom) -> String {
         let request = kube::core::Request::new("/api/v1/services");
         request
-            .list(&from.params())
+            .list(&from.params(&Selector::proxy()))
             .expect("valid list request")
             .uri()
             .to_string()

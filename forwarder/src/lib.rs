@@ -15,6 +15,7 @@ pub mod model;
 pub mod netdev;
 pub mod observe;
 pub mod plan;
+pub mod policy;
 pub mod skips;
 pub mod source;
 pub mod stats;

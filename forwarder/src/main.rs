@@ -7,6 +7,7 @@ use forwarder::{
     datapath::{self, OnExit, XdpModeArg, XdpTxArg},
     inspect,
     netdev::Ipv4Cidr,
+    policy::Enforcement,
     skips, stats,
     translate::ServiceSelection,
 };
@@ -98,6 +99,14 @@ enum Command {
         /// to be programmed (and before the first programming).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         health_timeout: Duration,
+        /// Where this node's CNI enforces NetworkPolicy. netfilter (Calico in iptables
+        /// mode, kube-router, Flannel with a policy add-on): new flows to local pods that
+        /// an ingress policy selects are left to kube-proxy, so the FORWARD chain judges
+        /// them (Pods of this node and NetworkPolicies are watched, or read from the
+        /// manifests). outside-netfilter: the CNI enforces policy where the forwarder's
+        /// delivery into the pod still meets it; nothing is left to kube-proxy for policy.
+        #[arg(long, value_enum, default_value_t = Enforcement::Netfilter)]
+        network_policy: Enforcement,
     },
     /// Interfaces and attach modes, program ids, what is programmed, map fill, daemon health,
     /// and the Services left to kube-proxy by reason (from the running daemon's /metrics).
@@ -253,6 +262,7 @@ fn real_main(cli: Cli) -> Result<()> {
             health_addr,
             metrics_addr,
             health_timeout,
+            network_policy,
         } => {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
@@ -285,6 +295,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 health_addr,
                 metrics_addr,
                 health_timeout,
+                network_policy,
                 on_exit: if cleanup_on_exit {
                     OnExit::Cleanup { drain_timeout }
                 } else {

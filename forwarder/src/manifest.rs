@@ -13,7 +13,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
@@ -29,9 +33,15 @@ const MANIFEST_EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 pub struct ManifestSet {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// Pods and NetworkPolicies: which local endpoints policy guards.
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
+    /// The namespaces of NetworkPolicy documents that could not be read
+    /// (`None`: not even that): they police their whole namespace.
+    pub unreadable_policies: Vec<Option<String>>,
     /// Documents (or List items) that could not be used.
     pub problems: Vec<ManifestProblem>,
-    /// Objects of kinds we do not need (Deployments, Pods, ...), counted so
+    /// Objects of kinds we do not need (Deployments, ConfigMaps, ...), counted so
     /// the operator can tell "nothing matched" from "nothing was read".
     pub ignored_documents: usize,
 }
@@ -41,6 +51,9 @@ impl ManifestSet {
     pub fn extend(&mut self, other: ManifestSet) {
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
+        self.pods.extend(other.pods);
+        self.network_policies.extend(other.network_policies);
+        self.unreadable_policies.extend(other.unreadable_policies);
         self.problems.extend(other.problems);
         self.ignored_documents += other.ignored_documents;
     }
@@ -355,17 +368,32 @@ enum Kind {
     Empty,
     Service,
     EndpointSlice,
+    Pod,
+    NetworkPolicy,
     /// `kind: List` (items carry their own kind) or a typed list such as
     /// `ServiceList` from the raw API (items carry no kind).
     List(Option<ItemKind>),
     Ignored,
     Bad(String),
+    /// A NetworkPolicy that cannot be used.
+    BadPolicy(String),
+}
+
+impl Kind {
+    fn message(self) -> String {
+        match self {
+            Kind::Bad(m) | Kind::BadPolicy(m) => m,
+            _ => String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
 enum ItemKind {
     Service,
     EndpointSlice,
+    Pod,
+    NetworkPolicy,
 }
 
 fn classify(value: &Value) -> Kind {
@@ -399,6 +427,17 @@ fn classify(value: &Value) -> Kind {
             Kind::List(Some(ItemKind::EndpointSlice))
         }
         "EndpointSliceList" => wrong_version("discovery.k8s.io/v1"),
+        "Pod" if api_version == "v1" => Kind::Pod,
+        "Pod" => wrong_version("v1"),
+        "PodList" if api_version == "v1" => Kind::List(Some(ItemKind::Pod)),
+        "PodList" => wrong_version("v1"),
+        "NetworkPolicy" if api_version == "networking.k8s.io/v1" => Kind::NetworkPolicy,
+        // Unread, it still polices its namespace (see `unreadable_policies`).
+        "NetworkPolicy" => Kind::BadPolicy(wrong_version("networking.k8s.io/v1").message()),
+        "NetworkPolicyList" if api_version == "networking.k8s.io/v1" => {
+            Kind::List(Some(ItemKind::NetworkPolicy))
+        }
+        "NetworkPolicyList" => wrong_version("networking.k8s.io/v1"),
         _ => Kind::Ignored,
     }
 }
@@ -476,6 +515,13 @@ impl Parser<'_> {
                     self.set.endpoint_slices.push(slice);
                 }
             }
+            Kind::Pod => self.item(value, source, ItemKind::Pod),
+            Kind::NetworkPolicy => self.item(value, source, ItemKind::NetworkPolicy),
+            Kind::BadPolicy(message) => {
+                let message = format!("{}{message}", source.prefix());
+                self.problem(Some(source.line()), message);
+                self.set.unreadable_policies.push(policy_namespace(value));
+            }
             Kind::List(item_kind) => self.list(value, source, item_kind, depth),
         }
     }
@@ -522,8 +568,28 @@ impl Parser<'_> {
                         self.set.endpoint_slices.push(slice);
                     }
                 }
+                Some(kind @ (ItemKind::Pod | ItemKind::NetworkPolicy)) => {
+                    self.item(item, &item_source, kind)
+                }
                 None => self.object(item, &item_source, depth + 1),
             }
+        }
+    }
+
+    /// A Pod or NetworkPolicy; a NetworkPolicy that does not deserialize
+    /// is still counted against its namespace.
+    fn item(&mut self, value: &Value, source: &Source<'_>, kind: ItemKind) {
+        match kind {
+            ItemKind::Pod => {
+                if let Some(pod) = self.typed::<Pod>(value, source) {
+                    self.set.pods.push(pod);
+                }
+            }
+            ItemKind::NetworkPolicy => match self.typed::<NetworkPolicy>(value, source) {
+                Some(policy) => self.set.network_policies.push(policy),
+                None => self.set.unreadable_policies.push(policy_namespace(value)),
+            },
+            ItemKind::Service | ItemKind::EndpointSlice => {}
         }
     }
 
@@ -550,6 +616,19 @@ impl Parser<'_> {
                 None
             }
         }
+    }
+}
+
+/// The namespace a NetworkPolicy document applies to, as `kubectl apply`
+/// reads it (`default` when unset), or `None` if its metadata is unreadable.
+fn policy_namespace(value: &Value) -> Option<String> {
+    match value.get("metadata") {
+        None | Some(Value::Null) => Some("default".into()),
+        Some(Value::Mapping(meta)) => match meta.get("namespace") {
+            None | Some(Value::Null) => Some("default".into()),
+            Some(ns) => ns.as_str().map(str::to_owned),
+        },
+        Some(_) => None,
     }
 }
 
@@ -795,6 +874,57 @@ items:
             "{}",
             problem.message
         );
+    }
+
+    #[test]
+    fn pods_and_network_policies_are_read_and_unreadable_policies_keep_their_namespace() {
+        let text = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node1, containers: []}
+status: {podIP: 10.244.1.5}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-one, namespace: shop}
+spec: {podSelector: {matchLabels: {app: web}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: shop}
+spec: {podSelector: app=web}
+---
+apiVersion: networking.k8s.io/v1beta1
+kind: NetworkPolicy
+metadata: {name: old}
+---
+kind: List
+apiVersion: v1
+items:
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: listed, namespace: db}
+  spec: {}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: 7
+";
+        let set = parse_str(Path::new("p.yaml"), text);
+        assert_eq!(set.pods.len(), 1);
+        assert_eq!(set.pods[0].metadata.name.as_deref(), Some("web-1"));
+        let policies: Vec<&str> = set
+            .network_policies
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .collect();
+        assert_eq!(policies, ["deny-one", "listed"]);
+        assert_eq!(
+            set.unreadable_policies,
+            [Some("shop".to_string()), Some("default".to_string()), None]
+        );
+        assert_eq!(set.problems.len(), 3, "{:?}", set.problems);
+        assert_eq!(set.ignored_documents, 0);
     }
 
     #[test]

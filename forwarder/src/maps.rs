@@ -28,6 +28,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub backend_members: HashMap<MapData, MemberKey, u32>,
     pub flow_pass_stats: PerCpuArray<MapData, u64>,
+    pub policed_pods: HashMap<MapData, u32, ServiceLabel>,
 }
 
 fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T> {
@@ -61,6 +62,7 @@ impl Maps {
                 take(map_names::FLOW_PASS_STATS)?,
                 map_names::FLOW_PASS_STATS,
             )?,
+            policed_pods: typed(take(map_names::POLICED_PODS)?, map_names::POLICED_PODS)?,
         })
     }
 
@@ -97,6 +99,7 @@ impl Maps {
                 open(map_names::FLOW_PASS_STATS)?,
                 map_names::FLOW_PASS_STATS,
             )?,
+            policed_pods: typed(open(map_names::POLICED_PODS)?, map_names::POLICED_PODS)?,
         })
     }
 
@@ -165,6 +168,49 @@ impl Maps {
             }
         }
         Ok(())
+    }
+
+    /// Makes POLICED_PODS hold `policed` (address -> why); returns how many
+    /// did not fit (they are policed all the same, only not explained).
+    pub fn set_policed_pods(
+        &mut self,
+        policed: &BTreeMap<std::net::Ipv4Addr, String>,
+    ) -> Result<usize> {
+        let wanted: BTreeMap<u32, &String> = policed
+            .iter()
+            .map(|(a, why)| (u32::from_ne_bytes(a.octets()), why))
+            .collect();
+        let present: Vec<u32> = self
+            .policed_pods
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading POLICED_PODS")?;
+        for key in present.iter().filter(|k| !wanted.contains_key(k)) {
+            ignore_missing(self.policed_pods.remove(key)).context("deleting from POLICED_PODS")?;
+        }
+        let mut unexplained = 0;
+        for (key, why) in wanted {
+            let label = ServiceLabel::new(why);
+            let same = self
+                .policed_pods
+                .get(&key, 0)
+                .ok()
+                .is_some_and(|l| l.as_str() == label.as_str());
+            if !same && self.policed_pods.insert(key, label, 0).is_err() {
+                unexplained += 1;
+            }
+        }
+        Ok(unexplained)
+    }
+
+    /// Policed local pod address -> why, as the daemon last wrote it.
+    pub fn policed_pods(&self) -> Result<BTreeMap<u32, String>> {
+        let mut out = BTreeMap::new();
+        for item in self.policed_pods.iter() {
+            let (k, v) = item.context("reading POLICED_PODS")?;
+            out.insert(k, v.as_str().to_string());
+        }
+        Ok(out)
     }
 
     /// Reason counters summed over CPUs.

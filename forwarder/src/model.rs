@@ -54,6 +54,9 @@ pub struct DesiredBackend {
     pub port: u16,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
+    /// A local pod under ingress NetworkPolicy enforced in netfilter: its
+    /// new flows are left to kube-proxy (see `policy`).
+    pub policed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,4 +99,6 @@ pub struct NodeContext {
     pub node_name: String,
     /// Addresses nodePorts are served on (already filtered by --nodeport-addresses).
     pub node_addresses: Vec<Ipv4Addr>,
+    /// Which local pods NetworkPolicy guards.
+    pub policing: crate::policy::Policing,
 }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use forwarder_common::{
-    Backend, BackendKey, Frontend, FrontendKey, MemberKey, BACKEND_F_LOCAL,
+    Backend, BackendKey, Frontend, FrontendKey, MemberKey, BACKEND_F_LOCAL, BACKEND_F_POLICED,
     FRONTEND_F_DROP_IF_EMPTY, FRONTEND_F_NO_SNAT, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND,
     MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_STATS_SLOTS,
 };
@@ -75,7 +75,8 @@ pub fn backend_value(b: &DesiredBackend, stats_slot: u32) -> Backend {
     Backend {
         addr_be: u32::from_ne_bytes(b.addr.octets()),
         port_be: b.port.to_be(),
-        flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+        flags: if b.local { BACKEND_F_LOCAL } else { 0 }
+            | if b.policed { BACKEND_F_POLICED } else { 0 },
         stats_slot,
     }
 }
@@ -373,6 +374,7 @@ mod tests {
             addr: Ipv4Addr::new(10, 244, 1, last),
             port: 80,
             local,
+            policed: false,
         }
     }
 
@@ -609,6 +611,7 @@ mod tests {
                 addr: Ipv4Addr::from(0x0a00_0000 + i),
                 port: 80,
                 local: false,
+                policed: false,
             })
             .collect();
         let err = plan(

@@ -32,6 +32,9 @@ pub enum SkipReason {
     Protocol,
     /// `loadBalancerSourceRanges`: kube-proxy's source filter stays in charge.
     SourceRanges,
+    /// sessionAffinity with a backend under NetworkPolicy: kube-proxy
+    /// carries that backend's flows, so it keeps the whole port.
+    Policed,
     /// A frontend another Service already uses, or a duplicate object.
     Conflict,
     /// A field the translation cannot use (an invalid port or address, no
@@ -42,12 +45,13 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 8] = [
+    pub const ALL: [SkipReason; 9] = [
         SkipReason::NoEndpoints,
         SkipReason::OptedOut,
         SkipReason::BadAnnotation,
         SkipReason::Protocol,
         SkipReason::SourceRanges,
+        SkipReason::Policed,
         SkipReason::Conflict,
         SkipReason::Invalid,
         SkipReason::Other,
@@ -61,6 +65,7 @@ impl SkipReason {
             SkipReason::BadAnnotation => "bad_annotation",
             SkipReason::Protocol => "protocol",
             SkipReason::SourceRanges => "source_ranges",
+            SkipReason::Policed => "policed",
             SkipReason::Conflict => "conflict",
             SkipReason::Invalid => "invalid",
             SkipReason::Other => "other",
@@ -82,6 +87,8 @@ impl SkipReason {
             SkipReason::Protocol
         } else if has("loadBalancerSourceRanges") {
             SkipReason::SourceRanges
+        } else if has("under NetworkPolicy") {
+            SkipReason::Policed
         } else if has("is already used by") || has("duplicate Service") {
             SkipReason::Conflict
         } else if has("invalid ")
@@ -262,6 +269,14 @@ mod tests {
         let node = NodeContext {
             node_name: "node1".into(),
             node_addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 1)],
+            policing: crate::policy::Policing::of(
+                crate::policy::PolicyObjects {
+                    pods: &set.pods,
+                    policies: &set.network_policies,
+                    unreadable: &set.unreadable_policies,
+                },
+                "node1",
+            ),
         };
         translate_with(&set.services, &set.endpoint_slices, &node, selection).skipped
     }
@@ -320,6 +335,15 @@ mod tests {
                     "",
                     &format!("{{type: LoadBalancer, loadBalancerSourceRanges: [10.0.0.0/8], ports: {PORT}}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.7}}]}}}}"),
                 ) + &slice("a", "10.244.1.5"),
+            ),
+            (
+                SkipReason::Policed,
+                service(
+                    "a",
+                    "",
+                    &format!("{{type: NodePort, sessionAffinity: ClientIP, ports: {PORT}}}"),
+                ) + &slice("a", "10.244.1.5").replace("]}]", "], nodeName: node1}]")
+                    + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: default, name: p}\nspec: {}\n",
             ),
             (
                 SkipReason::Conflict,

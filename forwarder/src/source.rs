@@ -3,21 +3,51 @@
 //! latest state, and the daemon translates whatever is newest.
 use std::{path::PathBuf, time::Duration};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use log::{info, warn};
 use tokio::sync::watch;
 
-use crate::manifest;
+use crate::{
+    manifest,
+    policy::{Enforcement, Policing, PolicyObjects},
+};
 
 /// The objects a source currently knows.
 #[derive(Clone, Debug, Default)]
 pub struct ObjectSet {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// This node's Pods and all NetworkPolicies (empty unless the source
+    /// reads them: see `policy`).
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
+    /// Namespaces of NetworkPolicies that could not be read (`None`: unknown).
+    pub unreadable_policies: Vec<Option<String>>,
     /// Objects that could not be used, one line each (already logged by the source).
     pub problems: Vec<String>,
     /// Bumped on every publication, so consumers can tell sets apart.
     pub generation: u64,
+}
+
+impl ObjectSet {
+    /// Which local endpoints NetworkPolicy guards on node `node_name`.
+    pub fn policing(&self, enforcement: Enforcement, node_name: &str) -> Policing {
+        match enforcement {
+            Enforcement::OutsideNetfilter => Policing::none(),
+            Enforcement::Netfilter => Policing::of(
+                PolicyObjects {
+                    pods: &self.pods,
+                    policies: &self.network_policies,
+                    unreadable: &self.unreadable_policies,
+                },
+                node_name,
+            ),
+        }
+    }
 }
 
 /// How often the manifest path is checked for changes.
@@ -65,15 +95,20 @@ pub async fn watch_manifests(path: PathBuf, tx: watch::Sender<Option<ObjectSet>>
                     warn!("manifest: {p}");
                 }
                 info!(
-                    "manifests: read {} Services, {} EndpointSlices from {}",
+                    "manifests: read {} Services, {} EndpointSlices, {} Pods, {} NetworkPolicies from {}",
                     set.services.len(),
                     set.endpoint_slices.len(),
+                    set.pods.len(),
+                    set.network_policies.len() + set.unreadable_policies.len(),
                     path.display()
                 );
                 last = Some(fingerprint);
                 let published = ObjectSet {
                     services: set.services,
                     endpoint_slices: set.endpoint_slices,
+                    pods: set.pods,
+                    network_policies: set.network_policies,
+                    unreadable_policies: set.unreadable_policies,
                     problems,
                     generation,
                 };

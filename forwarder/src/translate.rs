@@ -46,6 +46,8 @@ pub struct Translation {
     /// externalIPs, ExternalName, headless, not opted in): normal, so
     /// counted rather than listed.
     pub ignored_services: usize,
+    /// Backends of `desired` that are policed local pods, and why.
+    pub policed: BTreeMap<Ipv4Addr, String>,
 }
 
 /// Something not accelerated, for logging and counting.
@@ -209,6 +211,7 @@ fn translate_service(
         }
     }
 
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
     let affinity_timeout_s = match session_affinity_timeout(spec) {
         Ok(t) => t,
         Err(reason) => {
@@ -288,11 +291,12 @@ fn translate_service(
         }
 
         let endpoints = endpoints_for_port(slices, &port_name, proto);
-        let choice = choose_backends(&endpoints, local_policy);
+        let mut choice = choose_backends(&endpoints, local_policy);
+        let policed = mark_policed(&mut choice.backends, namespace, node);
         // kube-proxy: no endpoints at all -> REJECT; Local policy with
         // endpoints elsewhere only -> DROP. Only the DROP is done here; the
         // REJECT (and Cluster with nothing usable) is left to kube-proxy.
-        let emit = if local_policy {
+        let mut emit = if local_policy {
             choice.has_any
         } else {
             !choice.backends.is_empty()
@@ -302,6 +306,18 @@ fn translate_service(
                 key,
                 format!("{label}: no ready or terminating endpoints; left to kube-proxy"),
             );
+        } else if affinity_timeout_s != 0 && !policed.is_empty() {
+            // kube-proxy would carry the policed backend's flows and keep its
+            // own record of each client's backend: two records, and a client
+            // would not stick. The whole port stays with kube-proxy.
+            emit = false;
+            out.skip(
+                key,
+                format!("{label}: sessionAffinity with a local backend under NetworkPolicy; left to kube-proxy"),
+            );
+        }
+        if emit {
+            out.policed.extend(policed);
         }
 
         let claim = Claim {
@@ -585,6 +601,22 @@ struct BackendChoice {
     has_any: bool,
 }
 
+/// Marks the local backends that NetworkPolicy guards; returns their reasons.
+fn mark_policed(
+    backends: &mut [DesiredBackend],
+    namespace: &str,
+    node: &NodeContext,
+) -> BTreeMap<Ipv4Addr, String> {
+    let mut policed = BTreeMap::new();
+    for b in backends.iter_mut().filter(|b| b.local) {
+        if let Some(why) = node.policing.reason(b.addr, namespace) {
+            b.policed = true;
+            policed.insert(b.addr, why);
+        }
+    }
+    policed
+}
+
 /// kube-proxy's `CategorizeEndpoints` for external traffic: ready
 /// endpoints, else serving-and-terminating ones (graceful termination);
 /// with the Local policy, only local endpoints, with the same fallback
@@ -601,6 +633,7 @@ fn choose_backends(
                 addr,
                 port,
                 local: state.local,
+                policed: false,
             })
             .collect()
     };
@@ -640,6 +673,7 @@ mod tests {
         NodeContext {
             node_name: "node1".into(),
             node_addresses: vec![NODE_ADDR],
+            ..Default::default()
         }
     }
 
@@ -694,6 +728,7 @@ mod tests {
             addr: addr.parse().expect("test address"),
             port,
             local,
+            policed: false,
         }
     }
 
@@ -791,6 +826,7 @@ mod tests {
         let node = NodeContext {
             node_name: "node1".into(),
             node_addresses: vec![NODE_ADDR, Ipv4Addr::new(198, 51, 100, 7), NODE_ADDR],
+            ..Default::default()
         };
         let t = translate(&services, &slices, &node);
         assert_eq!(
@@ -1147,11 +1183,78 @@ mod tests {
         let other = NodeContext {
             node_name: "node9".into(),
             node_addresses: vec![NODE_ADDR],
+            ..Default::default()
         };
         let t = translate(&services, &slices, &other);
         assert!(backends_of(&t, fe("192.0.2.1", 30080, Protocol::Tcp))
             .iter()
             .all(|b| !b.local));
+    }
+
+    /// Translates `yaml`, its Pod and NetworkPolicy documents included, as
+    /// the daemon does on node1.
+    fn run_policed(yaml: &str) -> Translation {
+        let set = manifest::parse_str(Path::new("test.yaml"), yaml);
+        assert!(set.problems.is_empty(), "{:?}", set.problems);
+        let node = NodeContext {
+            policing: crate::policy::Policing::of(
+                crate::policy::PolicyObjects {
+                    pods: &set.pods,
+                    policies: &set.network_policies,
+                    unreadable: &set.unreadable_policies,
+                },
+                "node1",
+            ),
+            ..node()
+        };
+        translate(&set.services, &set.endpoint_slices, &node)
+    }
+
+    const WEB_POD_NODE1: &str = "---\napiVersion: v1\nkind: Pod\n\
+        metadata: {namespace: default, name: web-1, labels: {app: web}}\n\
+        spec: {nodeName: node1, containers: []}\nstatus: {podIP: 10.0.1.1}\n";
+    const DENY_WEB: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+        metadata: {namespace: default, name: deny-one}\n\
+        spec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0, except: [192.0.2.66/32]}}]}]}\n";
+
+    #[test]
+    fn a_local_backend_under_network_policy_is_policed_and_remote_ones_are_not() {
+        let t = run_policed(&(web("NodePort") + WEB_POD_NODE1 + DENY_WEB));
+        let f = &t.desired.frontends[&fe("192.0.2.1", 30080, Protocol::Tcp)];
+        let mut local = be("10.0.1.1", 8080, true);
+        local.policed = true;
+        assert_eq!(f.backends, [local, be("10.0.2.1", 8080, false)]);
+        assert_eq!(
+            t.policed
+                .get(&"10.0.1.1".parse().unwrap())
+                .map(String::as_str),
+            Some("NetworkPolicy default/deny-one")
+        );
+        // Without the policy (or with policy enforced elsewhere) nothing is.
+        let t = run_policed(&(web("NodePort") + WEB_POD_NODE1));
+        assert!(t.policed.is_empty());
+        assert_eq!(
+            t.desired.frontends[&fe("192.0.2.1", 30080, Protocol::Tcp)].backends,
+            [be("10.0.1.1", 8080, true), be("10.0.2.1", 8080, false)]
+        );
+    }
+
+    #[test]
+    fn session_affinity_with_a_policed_backend_is_left_to_kube_proxy() {
+        let sticky = web("NodePort").replace(
+            "spec: {type: NodePort,",
+            "spec: {type: NodePort, sessionAffinity: ClientIP,",
+        );
+        let t = run_policed(&(sticky.clone() + WEB_POD_NODE1 + DENY_WEB));
+        assert!(t.desired.frontends.is_empty(), "{:?}", t.desired);
+        assert!(has_skip(
+            &t,
+            "default/web",
+            "sessionAffinity with a local backend under NetworkPolicy"
+        ));
+        assert!(t.policed.is_empty());
+        let t = run_policed(&(sticky + WEB_POD_NODE1));
+        assert_eq!(t.desired.frontends.len(), 1);
     }
 
     fn local_policy_web(endpoints: &str) -> Translation {

@@ -493,6 +493,12 @@ fn rbac_grants_what_the_source_watches(objects: &Objects) {
             allows("discovery.k8s.io", "endpointslices", verb),
             "{verb} endpointslices"
         );
+        // NetworkPolicy enforced in netfilter (the default) needs both.
+        assert!(allows("", "pods", verb), "{verb} pods");
+        assert!(
+            allows("networking.k8s.io", "networkpolicies", verb),
+            "{verb} networkpolicies"
+        );
     }
     // Read-only: the daemon writes nothing to the API.
     for rule in rules {

@@ -17,14 +17,17 @@ use std::sync::{
 };
 
 use forwarder::{
-    kube_source::{watch_kubernetes_counted, WatchCounters, WatchOptions, LABEL_SELECTOR},
+    kube_source::{
+        watch_kubernetes_counted, PolicyWatch, WatchCounters, WatchOptions, LABEL_SELECTOR,
+    },
     model::{NodeContext, Protocol},
     plan::{self, Snapshot},
+    policy::Enforcement,
     skips::{SkipLog, SkipReason},
     source::ObjectSet,
     translate::{translate_with, ServiceSelection},
 };
-use forwarder_common::BackendKey;
+use forwarder_common::{BackendKey, BACKEND_F_POLICED};
 use futures::channel::mpsc;
 use http::{Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -52,6 +55,8 @@ const OPTIONS: WatchOptions = WatchOptions {
 enum Kind {
     Services,
     Slices,
+    Pods,
+    Policies,
 }
 
 impl fmt::Display for Kind {
@@ -99,6 +104,8 @@ impl Call {
         let kind = match uri.path() {
             "/api/v1/services" => Kind::Services,
             "/apis/discovery.k8s.io/v1/endpointslices" => Kind::Slices,
+            "/api/v1/pods" => Kind::Pods,
+            "/apis/networking.k8s.io/v1/networkpolicies" => Kind::Policies,
             other => panic!("unexpected request for {other} ({uri})"),
         };
         let query: BTreeMap<String, String> = uri
@@ -111,12 +118,18 @@ impl Call {
                 (percent_decode(k), percent_decode(v))
             })
             .collect();
-        // Every request, list or watch, carries kube-proxy's selector.
-        assert_eq!(
+        // Every request, list or watch, carries its kind's selector:
+        // kube-proxy's, this node's Pods, every NetworkPolicy.
+        let selectors = (
             query.get("labelSelector").map(String::as_str),
-            Some(LABEL_SELECTOR),
-            "{uri}"
+            query.get("fieldSelector").map(String::as_str),
         );
+        let expected = match kind {
+            Kind::Services | Kind::Slices => (Some(LABEL_SELECTOR), None),
+            Kind::Pods => (None, Some("spec.nodeName=node1")),
+            Kind::Policies => (None, None),
+        };
+        assert_eq!(selectors, expected, "{uri}");
         let watch = query.get("watch").is_some_and(|v| v == "true");
         Call {
             kind,
@@ -188,6 +201,10 @@ impl Call {
             Kind::Services => json!({"apiVersion": "v1", "kind": "ServiceList"}),
             Kind::Slices => {
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList"})
+            }
+            Kind::Pods => json!({"apiVersion": "v1", "kind": "PodList"}),
+            Kind::Policies => {
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList"})
             }
         };
         let mut body = kind;
@@ -372,6 +389,11 @@ impl Maps {
         let node = NodeContext {
             node_name: "node1".into(),
             node_addresses: vec![NODE_ADDR],
+            ..Default::default()
+        };
+        let node = NodeContext {
+            policing: set.policing(Enforcement::Netfilter, "node1"),
+            ..node
         };
         let t = translate_with(
             &set.services,
@@ -399,9 +421,14 @@ impl Maps {
                             index,
                         }];
                         format!(
-                            "{}:{}",
+                            "{}:{}{}",
                             Ipv4Addr::from(b.addr_be.to_ne_bytes()),
-                            u16::from_be(b.port_be)
+                            u16::from_be(b.port_be),
+                            if b.flags & BACKEND_F_POLICED != 0 {
+                                " policed"
+                            } else {
+                                ""
+                            }
                         )
                     })
                     .collect();
@@ -494,10 +521,20 @@ fn start(options: WatchOptions) -> (ApiServer, Daemon) {
 }
 
 fn start_counted(options: WatchOptions, counters: &'static WatchCounters) -> (ApiServer, Daemon) {
+    start_watching(options, PolicyWatch::Off, counters)
+}
+
+fn start_watching(
+    options: WatchOptions,
+    policy: PolicyWatch,
+    counters: &'static WatchCounters,
+) -> (ApiServer, Daemon) {
     let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<ResponseBody>>();
     let client = kube::Client::new(service, "default");
     let (tx, rx) = watch::channel(None);
-    let task = tokio::spawn(watch_kubernetes_counted(client, tx, options, counters));
+    let task = tokio::spawn(watch_kubernetes_counted(
+        client, tx, options, policy, counters,
+    ));
     (
         ApiServer {
             handle,
@@ -1067,4 +1104,99 @@ async fn a_skipped_service_is_logged_once_until_its_reason_changes() {
         daemon.maps.skips.counts().get(&SkipReason::NoEndpoints),
         Some(&199)
     );
+}
+
+// ---- NetworkPolicy ----
+
+fn local_slice(service: &str, resource_version: &str, address: &str) -> Value {
+    let mut s = slice(service, resource_version, &[address]);
+    s["endpoints"][0]["nodeName"] = json!("node1");
+    s
+}
+
+fn pod(name: &str, resource_version: &str, ip: &str, app: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "resourceVersion": resource_version,
+            "labels": {"app": app}},
+        "spec": {"nodeName": "node1", "containers": [{"name": "web", "image": "nginx"}]},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn network_policy(name: &str, resource_version: &str, app: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "shop", "resourceVersion": resource_version},
+        "spec": {"podSelector": {"matchLabels": {"app": app}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["192.0.2.66/32"]}}]}]},
+    })
+}
+
+#[tokio::test]
+async fn network_policies_and_this_nodes_pods_decide_which_local_backends_are_policed() {
+    let (mut api, mut daemon) = start_watching(
+        OPTIONS,
+        PolicyWatch::On {
+            node_name: "node1".into(),
+        },
+        new_counters(),
+    );
+    api.next(Kind::Services)
+        .await
+        .list("100", vec![service("web", "90", 30080)]);
+    api.next(Kind::Slices)
+        .await
+        .list("200", vec![local_slice("web", "190", "10.244.1.5")]);
+    api.next(Kind::Pods)
+        .await
+        .list("300", vec![pod("web-1", "290", "10.244.1.5", "web")]);
+    // Services without the policies would program a policed pod as ours.
+    daemon.nothing_published(Duration::from_millis(200)).await;
+    let policies = api.next(Kind::Policies).await;
+    policies.list("400", vec![]);
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.1.5:8080"])
+        .await;
+    let policies = api.next(Kind::Policies).await;
+    policies.expect_watch_from("400");
+    let policies = policies.stream();
+
+    // A policy selecting the pod: its flows become kube-proxy's.
+    policies.send(event("ADDED", network_policy("deny-one", "401", "web")));
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.1.5:8080 policed"])
+        .await;
+    // One selecting other pods does not police it.
+    policies.send(event("MODIFIED", network_policy("deny-one", "402", "db")));
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.1.5:8080"])
+        .await;
+    // A policy that cannot be read polices its namespace: doubt polices.
+    let mut broken = network_policy("broken", "403", "web");
+    broken["spec"]["podSelector"] = json!("app=web");
+    policies.send(event("ADDED", broken.clone()));
+    let set = daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.1.5:8080 policed"])
+        .await;
+    assert_eq!(set.unreadable_policies, vec![Some("shop".to_string())]);
+    assert!(
+        set.problems
+            .iter()
+            .any(|p| p.contains("NetworkPolicy shop/broken")),
+        "{:?}",
+        set.problems
+    );
+    policies.send(event("DELETED", broken));
+    daemon
+        .converge(&["192.0.2.1:30080/TCP -> 10.244.1.5:8080"])
+        .await;
+}
+
+#[tokio::test]
+async fn without_policy_watch_pods_and_policies_are_not_requested() {
+    let (mut api, mut daemon) = start(OPTIONS);
+    let _streams = initial_sync(&mut api, &mut daemon).await;
+    api.quiet(Kind::Pods, Duration::from_millis(300)).await;
+    api.quiet(Kind::Policies, Duration::from_millis(100)).await;
 }

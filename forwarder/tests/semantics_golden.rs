@@ -92,6 +92,7 @@ fn program(case: &Case) -> Snapshot {
     let node = NodeContext {
         node_name: NODE_NAME.into(),
         node_addresses: case.node_addresses.to_vec(),
+        ..Default::default()
     };
     let t = translate_with(&set.services, &set.endpoint_slices, &node, case.selection);
     let empty = Snapshot::default();
@@ -279,6 +280,7 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node1}]
     let node = NodeContext {
         node_name: NODE_NAME.into(),
         node_addresses: vec![NODE_ADDR, SECOND_NODE_ADDR],
+        ..Default::default()
     };
     let t = translate_with(
         &set.services,

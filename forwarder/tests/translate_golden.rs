@@ -42,6 +42,7 @@ fn run_on(node_name: &str) -> Translation {
     let node = NodeContext {
         node_name: node_name.into(),
         node_addresses: vec![NODE_ADDR],
+        ..Default::default()
     };
     translate(&set.services, &set.endpoint_slices, &node)
 }
@@ -68,12 +69,14 @@ fn demo_frontend_on_node1() {
             DesiredBackend {
                 addr: POD_NODE1,
                 port: 80,
-                local: true
+                local: true,
+                policed: false,
             },
             DesiredBackend {
                 addr: POD_NODE2,
                 port: 80,
-                local: false
+                local: false,
+                policed: false,
             },
         ]
     );
@@ -101,11 +104,13 @@ fn expected(node1_local: bool, node2_local: bool) -> Desired {
                     addr: POD_NODE1,
                     port: pod_port,
                     local: node1_local,
+                    policed: false,
                 },
                 DesiredBackend {
                     addr: POD_NODE2,
                     port: pod_port,
                     local: node2_local,
+                    policed: false,
                 },
             ],
             no_snat: false,
@@ -137,6 +142,7 @@ fn local_policy_keeps_only_the_local_gateway() {
     let node = NodeContext {
         node_name: "node1".into(),
         node_addresses: vec![NODE_ADDR],
+        ..Default::default()
     };
     let t = translate(&set.services, &set.endpoint_slices, &node);
     assert_eq!(t.desired.frontends.len(), 18);
@@ -146,7 +152,8 @@ fn local_policy_keeps_only_the_local_gateway() {
         [DesiredBackend {
             addr: POD_NODE1,
             port: 80,
-            local: true
+            local: true,
+            policed: false,
         }]
     );
     assert!(http2.no_snat && http2.drop_if_empty);
@@ -155,6 +162,7 @@ fn local_policy_keeps_only_the_local_gateway() {
     let node3 = NodeContext {
         node_name: "node3".into(),
         node_addresses: vec![NODE_ADDR],
+        ..Default::default()
     };
     let t = translate(&set.services, &set.endpoint_slices, &node3);
     assert_eq!(t.desired.frontends.len(), 18);

@@ -73,7 +73,7 @@ pub struct Rig {
     _ns: Netns,
 }
 
-fn frontend(
+pub fn frontend(
     port: u16,
     proto: Protocol,
     backends: Vec<DesiredBackend>,
@@ -95,8 +95,13 @@ fn frontend(
     )
 }
 
-fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
-    DesiredBackend { addr, port, local }
+pub fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
+    DesiredBackend {
+        addr,
+        port,
+        local,
+        policed: false,
+    }
 }
 
 /// What one test run returned, or the kernel's refusal of it.

@@ -661,6 +661,45 @@ impl Cluster {
         self.workdir.0.join("logs")
     }
 
+    /// `n` more clients on the lan: namespaces with 192.0.2.101, .102, ...,
+    /// wired like the cluster's own client; each is removed when dropped.
+    pub fn lan_clients(&self, n: usize) -> Result<Vec<Netns>> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let ns = Netns::create(&format!("{}cl{i}", netns::unique_prefix()))?;
+            let lan_end = format!("lc{}x{i}", std::process::id() % 10000);
+            netns::ip_in(
+                &self.lan,
+                &[
+                    "link",
+                    "add",
+                    &lan_end,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                ],
+            )?;
+            netns::ip_in(&self.lan, &["link", "set", &lan_end, "master", "br0", "up"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", lan_client_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["link", "set", "lo", "up"])?;
+            // Complete checksums, as on a wire (like the cluster's own client).
+            netns::set_offload_in(ns.name(), "eth0", Offload::TxChecksum, false)?;
+            out.push(ns);
+        }
+        Ok(out)
+    }
+
     /// Runs `args` inside `ns`, returning stdout (fails on a non-zero exit).
     pub fn exec<S: AsRef<std::ffi::OsStr>>(&self, ns: &str, args: &[S]) -> Result<String> {
         netns::exec_in(ns, args)
@@ -947,6 +986,11 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// The address of the `i`-th of [`Cluster::lan_clients`].
+pub fn lan_client_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 101 + i as u8)
 }
 
 /// The YAML of Service `default/<name>` of type NodePort (TCP 80 → nodePort

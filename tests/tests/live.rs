@@ -362,7 +362,7 @@ fn affinity() -> Result<()> {
     write_atomically(&manifest, &sticky(&pods))?;
     let daemon = cluster.start_forwarder(1, &cluster.daemon_options(1))?;
     // Several clients: extra namespaces on the lan, one address each.
-    let clients = extra_clients(&cluster, 3)?;
+    let clients = cluster.lan_clients(3)?;
     let result = (|| -> Result<()> {
         let mut first: BTreeMap<String, String> = BTreeMap::new();
         for ns in clients
@@ -419,45 +419,6 @@ fn pods_of(cluster: &Cluster, ns: &str, count: usize) -> Result<BTreeSet<String>
         pods.insert(r.map_err(|e| anyhow::anyhow!("{ns}: {e}"))?.pod);
     }
     Ok(pods)
-}
-
-/// `n` more clients on the lan: namespaces with 192.0.2.101, .102, ...
-fn extra_clients(cluster: &Cluster, n: usize) -> Result<Vec<netns::Netns>> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let ns = netns::Netns::create(&format!("{}cl{i}", netns::unique_prefix()))?;
-        let lan = cluster.lan_ns();
-        let lan_end = format!("lc{}x{i}", std::process::id() % 10000);
-        netns::ip_in(
-            lan,
-            &[
-                "link",
-                "add",
-                &lan_end,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ],
-        )?;
-        netns::ip_in(lan, &["link", "set", &lan_end, "master", "br0", "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("192.0.2.{}/24", 101 + i),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["link", "set", "lo", "up"])?;
-        // Complete checksums, as on a wire (like the cluster's own client).
-        netns::set_offload_in(ns.name(), "eth0", netns::Offload::TxChecksum, false)?;
-        out.push(ns);
-    }
-    Ok(out)
 }
 
 fn run(name: &str, test: impl FnOnce() -> Result<()>) {

@@ -14,13 +14,17 @@ use aya::{
     Ebpf,
 };
 use etherparse::{Ethernet2Header, Icmpv4Type, NetHeaders, PacketHeaders, TransportHeader};
+use forwarder::{
+    model::{Desired, Protocol},
+    plan,
+};
 use forwarder_common::{program_names, Config, CtKey, Reason};
 use integration_tests::{
     packet_rig::{
-        self, ct_key, icmp_error, src_port, tcp_flags_frame, tcp_frame, udp_frame, Rig, CALI_MAC,
-        CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE, NODE2_MAC, NP_LOCAL_POLICY_EMPTY,
-        NP_LOCAL_TCP, NP_LOCAL_UDP, NP_REMOTE_TCP, NP_REMOTE_UDP, POD_MAC, REMOTE_POD, TC_ACT_OK,
-        TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
+        self, backend, ct_key, frontend, icmp_error, src_port, tcp_flags_frame, tcp_frame,
+        udp_frame, Rig, CALI_MAC, CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE, NODE2_MAC,
+        NP_LOCAL_POLICY_EMPTY, NP_LOCAL_TCP, NP_LOCAL_UDP, NP_REMOTE_TCP, NP_REMOTE_UDP, POD_MAC,
+        REMOTE_POD, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
     },
     skip_unless_netns_capable,
 };
@@ -881,6 +885,74 @@ fn draining_takes_no_new_flows_and_keeps_translating_existing_ones() {
         ensure!(v == XDP_TX, "existing flow while draining: verdict {v}");
         let want = rewritten(&data, (ETH0_MAC, NODE2_MAC), (NODE, port), (REMOTE_POD, 80))?;
         assert_frame("existing flow while draining", &out, &want)
+    })
+    .unwrap();
+}
+
+/// A local pod under NetworkPolicy: a client's SYN (and UDP datagram) to it
+/// goes to the kernel untouched in both hooks, nothing is tracked; a closed
+/// flow whose tuple that SYN reuses is forgotten, so the kernel's new
+/// connection is not translated from its second packet on.
+#[test]
+fn a_policed_backend_takes_no_new_flow_and_its_closed_flows_are_forgotten() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_LOCAL_TCP);
+        let reused = (CLIENT, 40150);
+        // A flow to the local pod, closed by the client's RST.
+        let syn = tcp_frame(reused, front, 64, true, &[]);
+        let (v, _) = rig.tc(rig.eth0, &syn)?;
+        ensure!(
+            v == TC_ACT_REDIRECT,
+            "the flow before policing: verdict {v}"
+        );
+        let rst = tcp_flags_frame(reused, front, &["rst"], &[]);
+        let (v, _) = rig.tc(rig.eth0, &rst)?;
+        ensure!(v == TC_ACT_REDIRECT, "RST: verdict {v}");
+        let reply_key = ct_key((LOCAL_POD, 80), reused, 6);
+        ensure!(rig.has_flow(reply_key), "the closed flow's reply entry");
+
+        // The pod comes under policy.
+        let mut tcp = frontend(
+            NP_LOCAL_TCP,
+            Protocol::Tcp,
+            vec![backend(LOCAL_POD, 80, true)],
+        );
+        let mut udp = frontend(
+            NP_LOCAL_UDP,
+            Protocol::Udp,
+            vec![backend(LOCAL_POD, 53, true)],
+        );
+        tcp.1.backends[0].policed = true;
+        udp.1.backends[0].policed = true;
+        let mut desired = Desired::default();
+        desired.frontends.extend([tcp, udp]);
+        let ops = plan::plan(&desired, &rig.maps.snapshot()?)?;
+        rig.maps.apply(&ops)?;
+
+        let fresh = (CLIENT, 40151);
+        let syn = tcp_frame(fresh, front, 64, true, &[]);
+        rig.passes_in_both_hooks("SYN to a policed pod", &syn, Reason::PassPoliced)?;
+        ensure!(
+            !rig.has_flow(ct_key(fresh, front, 6)),
+            "a policed SYN was tracked"
+        );
+        let dgram = udp_frame((CLIENT, 40152), (NODE, NP_LOCAL_UDP), 64, b"q");
+        rig.passes_in_both_hooks("UDP to a policed pod", &dgram, Reason::PassPoliced)?;
+        ensure!(
+            !rig.has_flow(ct_key((CLIENT, 40152), (NODE, NP_LOCAL_UDP), 17)),
+            "a policed datagram was tracked"
+        );
+
+        let again = tcp_frame(reused, front, 64, true, &[]);
+        rig.passes_in_both_hooks("SYN on a closed flow's tuple", &again, Reason::PassPoliced)?;
+        ensure!(
+            !rig.has_flow(ct_key(reused, front, 6)) && !rig.has_flow(reply_key),
+            "the closed flow's entries outlived a SYN that went to the kernel"
+        );
+        let ack = tcp_flags_frame(reused, front, &["ack"], &[]);
+        rig.passes_in_both_hooks("the kernel's ACK on that tuple", &ack, Reason::PassNotSyn)?;
+        Ok(())
     })
     .unwrap();
 }

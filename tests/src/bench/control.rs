@@ -34,6 +34,7 @@ fn node() -> NodeContext {
     NodeContext {
         node_name: scenario::NODE_NAME.into(),
         node_addresses: vec![scenario::NODE_IP],
+        ..Default::default()
     }
 }
 

@@ -157,6 +157,7 @@ fn measured(port: u16, backend: Ipv4Addr, local: bool) -> (FrontendAddr, Desired
                 addr: backend,
                 port: 80,
                 local,
+                policed: false,
             }],
             no_snat: false,
             drop_if_empty: false,

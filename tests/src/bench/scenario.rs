@@ -248,6 +248,7 @@ mod tests {
         let node = forwarder::model::NodeContext {
             node_name: NODE_NAME.into(),
             node_addresses: vec![NODE_IP],
+            ..Default::default()
         };
         let t = forwarder::translate::translate(&set.services, &set.endpoint_slices, &node);
         // 2 ports of the measured Service + 2,766 filler nodePorts.
