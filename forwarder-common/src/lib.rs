@@ -365,9 +365,14 @@ pub struct IfaceInfo {
     /// For a bridge port: the bridge's ifindex (routes name the bridge, a
     /// pod's replies come in on its port); 0 otherwise.
     pub master_ifindex: u32,
-    pub _pad: u32,
+    /// The destination MAC of frames addressed to this node as they come in
+    /// here: the device's own address, or for a bridge port its bridge's.
+    /// A unicast frame to any other MAC is not the node's (the kernel marks
+    /// it PACKET_OTHERHOST and drops it), so it is never translated.
+    pub host_mac: [u8; 6],
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 20);
 
 /// Datapath settings, the single entry of the config array.
 #[repr(C)]
@@ -519,7 +524,7 @@ reasons! {
     TcRedirect = "tc_redirect": "forwarded by tc to the egress device",
     TcRedirectNeigh = "tc_redirect_neigh": "forwarded by tc, the kernel resolving the next hop",
     XdpToTc = "xdp_to_tc": "left by XDP for tc, which counts the verdict (egress needs an skb, or no neighbour yet; not a verdict)",
-    PassNotIpv4 = "pass_not_ipv4": "passed: not IPv4",
+    PassNotIpv4 = "pass_not_ipv4": "passed: not IPv4 (or IPv4 of a VLAN, tagged)",
     PassNotTcpUdp = "pass_not_tcp_udp": "passed: IPv4 but neither TCP nor UDP",
     PassNoService = "pass_no_service": "passed: no frontend and no flow for this packet",
     PassFragment = "pass_fragment": "passed: IPv4 fragment",
@@ -545,6 +550,10 @@ reasons! {
     CtRecycled = "ct_recycled": "expired or closed flows replaced by a new one (not a verdict)",
     IcmpTranslated = "icmp_translated": "ICMP errors about a flow translated with it (not a verdict)",
     AffinityHit = "affinity_hit": "new flows sent to the client's sessionAffinity backend (not a verdict)",
+    // Appended, so pinned counters of older versions keep their names.
+    PassOtherHost = "pass_other_host": "passed: unicast to another host's MAC address (the kernel drops it)",
+    PassNotUnicast = "pass_not_unicast": "passed: sent to a broadcast or multicast MAC address",
+    PassIpOptions = "pass_ip_options": "passed: IPv4 options other than padding (the kernel acts on them)",
 }
 
 #[cfg(feature = "user")]
@@ -581,6 +590,18 @@ mod tests {
             for b in &Reason::ALL[i + 1..] {
                 assert_ne!(a.name(), b.name());
             }
+        }
+    }
+
+    #[test]
+    fn events_beside_verdicts_say_so() {
+        for r in Reason::ALL {
+            assert_eq!(
+                r.is_verdict(),
+                !r.description().ends_with("(not a verdict)"),
+                "{}",
+                r.name()
+            );
         }
     }
 

@@ -4,7 +4,7 @@
 //! the kernel itself would refuse (lengths, TCP data offset and flags, UDP
 //! length, martian sources), so nothing the kernel would drop is ever
 //! translated or tracked. The IPv4 header checksum is checked only for
-//! packets that matched a flow or a frontend (`ipv4_csum_ok`): a miss does
+//! packets that matched a flow or a frontend (`ipv4_header_ok`): a miss does
 //! not pay for it.
 use core::mem::size_of;
 
@@ -252,13 +252,42 @@ fn parse_quoted(
     })
 }
 
-/// Whether the IPv4 header checksum verifies (the kernel drops it otherwise).
+/// `skb->pkt_type` values (linux/if_packet.h).
+pub const PACKET_HOST: u32 = 0;
+pub const PACKET_BROADCAST: u32 = 1;
+pub const PACKET_MULTICAST: u32 = 2;
+
+/// A frame's destination MAC is the node's own (`host_mac`): the kernel
+/// drops unicast to other hosts (PACKET_OTHERHOST), and broadcast or
+/// multicast frames are no client's connection. Compared as two integers
+/// (an array comparison would call memcmp, which eBPF does not have).
 #[inline(always)]
-pub fn ipv4_csum_ok(data: usize, data_end: usize, h: &Headers) -> bool {
+pub fn dest_mac_is_host(data: usize, data_end: usize, host_mac: &[u8; 6]) -> Result<(), Reason> {
+    let dst: [u8; 6] = read_at(data, data_end, 0)?;
+    if dst[0] & 1 != 0 {
+        return Err(Reason::PassNotUnicast);
+    }
+    if !same_mac(&dst, host_mac) {
+        return Err(Reason::PassOtherHost);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub fn same_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) == u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
+}
+
+/// The IPv4 header of a packet that is ours verifies (the kernel drops it
+/// otherwise), and its options, if any, are padding only (NOP, EOL): the
+/// kernel acts on the others when it forwards (record route, timestamps,
+/// source routes, router alert) and drops malformed ones, so a packet
+/// carrying them is the kernel's.
+#[inline(always)]
+pub fn ipv4_header_ok(data: usize, data_end: usize, h: &Headers) -> Result<(), Reason> {
     // The fixed header in one bounds check; options, rare, word by word.
-    let Ok(fixed) = read_at::<[u32; 5]>(data, data_end, L3_OFF) else {
-        return false;
-    };
+    let fixed = read_at::<[u32; 5]>(data, data_end, L3_OFF)?;
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < 5 {
@@ -272,14 +301,19 @@ pub fn ipv4_csum_ok(data: usize, data_end: usize, h: &Headers) -> bool {
             if IPV4_MIN_LEN + i * 4 >= h.ihl_len {
                 break;
             }
-            let Ok(word) = read_at::<u32>(data, data_end, L3_OFF + IPV4_MIN_LEN + i * 4) else {
-                return false;
-            };
+            let word = read_at::<u32>(data, data_end, L3_OFF + IPV4_MIN_LEN + i * 4)?;
+            // Every byte 0 (EOL) or 1 (NOP).
+            if word & 0xfefe_fefe != 0 {
+                return Err(Reason::PassIpOptions);
+            }
             sum += (word & 0xffff) + (word >> 16);
             i += 1;
         }
     }
-    forwarder_common::csum::fold(sum) == 0xffff
+    if forwarder_common::csum::fold(sum) != 0xffff {
+        return Err(Reason::PassMalformed);
+    }
+    Ok(())
 }
 
 /// Offset of the L4 checksum field.

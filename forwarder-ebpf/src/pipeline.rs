@@ -13,7 +13,7 @@ use crate::{
     icmp::IcmpRewrite,
     kernel_ct::{self, CtOpts, Hook, SockTupleV4},
     maps::CONFIG,
-    parse::{ipv4_csum_ok, Headers},
+    parse::{ipv4_header_ok, Headers},
     select,
 };
 
@@ -80,10 +80,8 @@ pub fn plan(
     let h = &h;
     choose(ctx, hook, h, ingress_ifindex, ingress, out)?;
     // Only now, for packets that are ours: the kernel would drop a header
-    // whose checksum fails, so we leave it to do so.
-    if !ipv4_csum_ok(data, data_end, h) {
-        return Err(Reason::PassMalformed);
-    }
+    // whose checksum fails, or act on its options, so we leave it to.
+    ipv4_header_ok(data, data_end, h)?;
     out.query.ingress = ingress_ifindex;
     out.query.proto = h.proto;
     // The length the route's MTU is checked against: XDP's frames are the

@@ -98,8 +98,38 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     action
 }
 
+/// The frame is addressed to this node, as the kernel decided on receive
+/// (`pkt_type`). On a bridge port a frame to the bridge's MAC is the
+/// host's too, though the port calls it another host's: the bridge hands
+/// it up as the host's.
+#[inline(always)]
+fn link_layer_host(
+    ctx: &TcContext,
+    data: usize,
+    data_end: usize,
+    ingress: &IfaceInfo,
+) -> Result<(), Reason> {
+    // SAFETY: `skb` is the program's own context, valid for its run.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    match pkt_type {
+        parse::PACKET_HOST => Ok(()),
+        parse::PACKET_BROADCAST | parse::PACKET_MULTICAST => Err(Reason::PassNotUnicast),
+        _ if ingress.master_ifindex != 0 => {
+            parse::dest_mac_is_host(data, data_end, &ingress.host_mac)
+        }
+        _ => Err(Reason::PassOtherHost),
+    }
+}
+
 #[inline(always)]
 fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
+    // A VLAN-tagged frame reaches tc with its tag already taken out of the
+    // bytes (skb_vlan_untag, or the NIC): it belongs to the VLAN's device,
+    // to which the kernel delivers it after tc, not to this one.
+    // SAFETY: `skb` is the program's own context, valid for its run.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Err(Reason::PassNotIpv4);
+    }
     // Direct access needs the headers linear (GRO'd or paged skbs may not be).
     let want = (ctx.len() as usize).min(MAX_HEADERS_LEN);
     if ctx.data_end() - ctx.data() < want {
@@ -114,6 +144,7 @@ fn classify(ctx: &TcContext, out: &mut Translation) -> Result<Verdict, Reason> {
     // SAFETY (get): a read-only copy of a map value of plain integers.
     let ingress: IfaceInfo =
         *unsafe { IFACES.get(ingress_ifindex) }.ok_or(Reason::PassNoService)?;
+    link_layer_host(ctx, data, data_end, &ingress)?;
     if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }

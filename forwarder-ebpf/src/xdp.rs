@@ -90,6 +90,7 @@ fn classify(ctx: &XdpContext, out: &mut Translation) -> Result<Verdict, Reason> 
     p.h = parse::parse(data, data_end, pkt_len)?;
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
     let ingress = iface(ingress_ifindex).ok_or(Reason::PassNoService)?;
+    parse::dest_mac_is_host(data, data_end, &ingress.host_mac)?;
     if p.h.ttl <= 1 {
         return Err(Reason::PassTtl);
     }

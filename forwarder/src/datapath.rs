@@ -337,6 +337,28 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     }
 }
 
+/// The MAC frames addressed to this node carry when they come in on `name`:
+/// its own, or for a port of bridge `master_ifindex` the bridge's (the
+/// bridge hands those up as the host's).
+fn host_mac(name: &str, master_ifindex: u32) -> [u8; 6] {
+    let device = if master_ifindex != 0 {
+        netdev::ifname(master_ifindex).unwrap_or_else(|| name.to_string())
+    } else {
+        name.to_string()
+    };
+    netdev::mac(&device).unwrap_or_else(|e| {
+        warn!("{device}: no MAC address ({e}): XDP passes its frames to the kernel");
+        [0; 6]
+    })
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// (type, key size, value size) each pinned map must have to be reused.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     use std::mem::size_of;
@@ -625,6 +647,7 @@ impl Datapath {
         let info = IfaceInfo {
             snat_addr_be: u32::from_ne_bytes(snat_addr.octets()),
             flags,
+            host_mac: host_mac(name, 0),
             ..IfaceInfo::default()
         };
         self.maps
@@ -685,10 +708,41 @@ impl Datapath {
         self.maps.status.set(0, s, 0).context("writing STATUS")
     }
 
+    /// Follows MAC address changes of the devices we are attached to (XDP
+    /// compares a frame's destination with the one in IFACES).
+    fn refresh_host_macs(&mut self) -> Result<()> {
+        let devices: Vec<(u32, String)> = self
+            .external
+            .iter()
+            .map(|e| (e.ifindex, e.name.clone()))
+            .chain(
+                self.pod_devices
+                    .iter()
+                    .map(|(ifindex, (name, _))| (*ifindex, name.clone())),
+            )
+            .collect();
+        for (ifindex, name) in devices {
+            let Ok(mut info) = self.maps.ifaces.get(&ifindex, 0) else {
+                continue;
+            };
+            let mac = host_mac(&name, info.master_ifindex);
+            if mac != info.host_mac {
+                info!("{name}: MAC address now {}", format_mac(&mac));
+                info.host_mac = mac;
+                self.maps
+                    .ifaces
+                    .insert(ifindex, info, 0)
+                    .context("writing IFACES")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches tc ingress to the devices that lead to `local_pods` (replies
     /// from local pods enter the node there) and detaches it from devices no
     /// longer needed. Returns the attached device names.
     pub fn sync_pod_devices(&mut self, local_pods: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>> {
+        self.refresh_host_macs()?;
         let routes = netdev::routes()?;
         let external: BTreeSet<u32> = self.external.iter().map(|e| e.ifindex).collect();
         let external_names: BTreeSet<&str> =
@@ -759,6 +813,7 @@ impl Datapath {
                         0
                     },
                 master_ifindex: *master,
+                host_mac: host_mac(name, *master),
                 _pad: 0,
             };
             self.maps

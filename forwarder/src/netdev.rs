@@ -11,6 +11,8 @@ pub enum NetdevError {
     UnknownInterface(String),
     #[error("reading {path}: {source}")]
     Read { path: String, source: io::Error },
+    #[error("reading the MAC address of {name}: {source}")]
+    Mac { name: String, source: io::Error },
     #[error("listing interface addresses: {0}")]
     Addresses(#[source] nix::Error),
 }
@@ -31,6 +33,52 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
+}
+
+/// The hardware address of `name`; all zeros for a device that is not
+/// Ethernet-like (an L3 tunnel, loopback), which is what the kernel
+/// compares a frame's destination with too. Asked of the kernel
+/// (SIOCGIFHWADDR) in the caller's network namespace.
+pub fn mac(name: &str) -> Result<[u8; 6], NetdevError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let failed = |source| NetdevError::Mac {
+        name: name.to_string(),
+        source,
+    };
+    // SAFETY: ifreq is plain C data, for which all-zero bytes are valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(NetdevError::UnknownInterface(name.to_string()));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: a plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor that we now own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name from `req` and
+    // writes a sockaddr into it; `req` is a live ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::ENODEV) {
+            NetdevError::UnknownInterface(name.to_string())
+        } else {
+            failed(e)
+        });
+    }
+    // SAFETY: after SIOCGIFHWADDR the union holds the hardware address.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    if hw.sa_family == libc::ARPHRD_ETHER {
+        for (dst, src) in mac.iter_mut().zip(hw.sa_data) {
+            *dst = src as u8;
+        }
+    }
+    Ok(mac)
 }
 
 /// IPv4 addresses of `name`, in the order the kernel lists them (primary first).
@@ -219,6 +267,15 @@ pub fn route_device(routes: &[Route], addr: Ipv4Addr) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_has_no_ethernet_address_and_missing_devices_fail() {
+        assert_eq!(mac("lo").unwrap(), [0; 6]);
+        assert!(matches!(
+            mac("no-such-dev0"),
+            Err(NetdevError::UnknownInterface(_))
+        ));
+    }
 
     const SAMPLE: &str =
         "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT

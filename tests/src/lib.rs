@@ -6,5 +6,6 @@ pub mod bench;
 pub mod daemon;
 pub mod kube_proxy;
 pub mod netns;
+pub mod packet_rig;
 pub mod pattern;
 pub mod topology;

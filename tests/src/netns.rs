@@ -581,6 +581,11 @@ fn xdp_link_create(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
 /// forwarding on. Named `<unique prefix><suffix>`.
 pub fn test_run_node(suffix: &str) -> Result<Netns> {
     let ns = Netns::create(&format!("{}{suffix}", unique_prefix()))?;
+    // No IPv6 on the devices: their router and multicast-listener
+    // solicitations would reach the attached XDP program at random moments
+    // and move the counters the tests account for exactly.
+    ns.sysctl("ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("ipv6.conf.default.disable_ipv6", "1")?;
     let commands: [&[&str]; 14] = [
         &[
             "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
@@ -658,12 +663,14 @@ pub fn configure_test_run_node(maps: &mut forwarder::maps::Maps) -> Result<(u32,
     let external = IfaceInfo {
         snat_addr_be: u32::from_ne_bytes([192, 0, 2, 1]),
         flags: IFACE_F_EXTERNAL | IFACE_F_XDP_TX,
+        host_mac: forwarder::netdev::mac("eth0")?,
         ..IfaceInfo::default()
     };
     maps.ifaces.insert(eth0, external, 0)?;
     let pod = IfaceInfo {
         snat_addr_be: 0,
         flags: IFACE_F_VETH_PEER,
+        host_mac: forwarder::netdev::mac("cali1")?,
         ..IfaceInfo::default()
     };
     maps.ifaces.insert(cali, pod, 0)?;

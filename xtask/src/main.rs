@@ -8,6 +8,8 @@
 //! - `image [--name N] [--tag T] [--out FILE]`: setup, then the daemon as a
 //!   reproducible OCI image (oci-archive) under `target/image/`.
 //! - `demo`: setup, build, then run the NodePort demo (root).
+//! - `fuzz [--frames N] [--seed S]`: setup, then the datapath fuzz test
+//!   (tests/tests/fuzz.rs) with N frames (default 1,000,000) (root).
 //! - `bench [--quick] [--out DIR]`: setup, build, then the benchmark against
 //!   kube-proxy's iptables rules; the report goes to `bench/` (root).
 
@@ -78,6 +80,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, then the datapath fuzz test (tests/tests/fuzz.rs) with many
+    /// frames: seeded frames through every attachment of the programs
+    /// (BPF_PROG_TEST_RUN). Needs root.
+    Fuzz {
+        /// Frames to generate (`cargo xtask test` runs the test's default).
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The seed (default: from the clock); the test prints it.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Setup, build, then benchmark the forwarder against kube-proxy's
     /// iptables rules (legacy and nft) and the path's physical limit; writes
     /// the report (Markdown tables, SVG plots, raw data). Needs root.
@@ -136,6 +149,7 @@ fn run(task: Task) -> Result<ExitCode> {
             )?;
         }
         Task::Demo { args } => return tasks::demo(&args),
+        Task::Fuzz { frames, seed } => tasks::fuzz(frames, seed)?,
         Task::Bench { quick, out, args } => tasks::bench(quick, out, &args)?,
     }
     Ok(ExitCode::SUCCESS)

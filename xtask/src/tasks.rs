@@ -413,6 +413,38 @@ pub fn demo(args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
+/// `cargo xtask fuzz`: setup, then tests/tests/fuzz.rs with `frames` frames
+/// (`FUZZ_FRAMES`) and the seed (`FUZZ_SEED`; from the clock if not given).
+pub fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
+    require_root("fuzz")?;
+    let paths = paths()?;
+    setup::setup()?;
+    // A new seed each time explores new frames; the suite keeps a fixed one.
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    say!("fuzzing the datapath with {frames} frames, seed {seed}");
+    let mut cmd = paths.cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--test",
+        "fuzz",
+        "--",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env("FUZZ_FRAMES", frames.to_string())
+    .env("FUZZ_SEED", seed.to_string());
+    paths.binary_env(&mut cmd);
+    cmd::run(&mut cmd)
+}
+
 /// Runs `target/release/bench` (as root) with the binaries' environment.
 fn run_bench(paths: &Paths, quick: bool, out: &Path, extra: &[String]) -> Result<()> {
     let bench = paths.release.join("bench");

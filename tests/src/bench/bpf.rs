@@ -93,6 +93,9 @@ mod asm {
     pub const fn st_h(dst: u8, off: i16, imm: i32) -> Insn {
         Insn::new(0x6a, dst, 0, off, imm)
     }
+    pub const fn st_b(dst: u8, off: i16, imm: i32) -> Insn {
+        Insn::new(0x72, dst, 0, off, imm)
+    }
     /// if dst > src (unsigned) goto +off
     pub const fn jgt_reg(dst: u8, src: u8, off: i16) -> Insn {
         Insn::new(0x2d, dst, src, off, 0)
@@ -210,6 +213,27 @@ impl Prog {
             BPF_PROG_TYPE_SCHED_CLS,
             "bench_tc_drop",
             &[asm::mov_imm(0, TC_ACT_SHOT), asm::exit()],
+        )
+    }
+
+    /// tc: sets the IPv4 TTL of an Ethernet frame to 127 by a direct write,
+    /// leaving `skb->csum` as it was (what a test of the checksum check
+    /// needs: a program that gets it wrong).
+    pub fn tc_stale_csum() -> Result<Prog> {
+        use asm::*;
+        Prog::load(
+            BPF_PROG_TYPE_SCHED_CLS,
+            "test_stale_csum",
+            &[
+                ldx_w(2, 1, 76), // skb->data
+                ldx_w(3, 1, 80), // skb->data_end
+                mov_reg(4, 2),
+                add_imm(4, 34),
+                jgt_reg(4, 3, 1),
+                st_b(2, 22, 127),
+                mov_imm(0, 0),
+                exit(),
+            ],
         )
     }
 
