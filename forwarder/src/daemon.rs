@@ -53,6 +53,8 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
     pub snat_port_range: Option<(u16, u16)>,
     pub conntrack_entries: u32,
+    /// The service maps' sizes (`--max-frontends`, ...).
+    pub limits: plan::Limits,
     pub conntrack_timeouts: ConntrackTimeouts,
     pub on_exit: OnExit,
     pub generation: u32,
@@ -225,6 +227,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir.clone(),
         config,
         conntrack_entries: args.conntrack_entries,
+        limits: args.limits,
         generation: args.generation,
     };
     let mut dp = Datapath::load(&opts)?;
@@ -532,7 +535,7 @@ fn reconcile(
             translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
         state.skips.update(&t.skipped);
         let current = dp.maps.snapshot()?;
-        let ops = plan::plan(&t.desired, &current)?;
+        let ops = plan::plan_within(&t.desired, &current, &args.limits)?;
         dp.maps.apply(&ops)?;
         match dp.maps.set_policed_pods(&t.policed) {
             Ok(0) => {}

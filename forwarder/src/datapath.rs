@@ -125,6 +125,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub config: Config,
     pub conntrack_entries: u32,
+    /// The service maps' sizes.
+    pub limits: crate::plan::Limits,
     /// Patched into the programs' read-only data (`--datapath-generation`).
     pub generation: u32,
 }
@@ -431,6 +433,39 @@ fn retire_incompatible_pins(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The service maps and the sizes `limits` gives them.
+fn service_map_sizes(limits: &crate::plan::Limits) -> [(&'static str, u32); 5] {
+    [
+        (map_names::FRONTENDS, limits.frontends),
+        (map_names::BACKENDS, limits.backends),
+        (map_names::BACKEND_MEMBERS, limits.backends),
+        (map_names::SERVICE_STATS, limits.service_ports),
+        (map_names::SERVICE_LABELS, limits.service_ports),
+    ]
+}
+
+/// Unpins service maps pinned at another size, so they are created at the
+/// size asked for. They hold nothing the source does not give again (the
+/// daemon programs them in full before its programs replace the running
+/// ones, which keep their own maps until then); their counters restart.
+/// The conntrack table is kept whatever its size: it holds the flows.
+fn retire_resized_service_maps(pin_dir: &Path, limits: &crate::plan::Limits) -> Result<()> {
+    for (name, size) in service_map_sizes(limits) {
+        let path = pin_path(pin_dir, name);
+        let Ok(pinned) = MapData::from_pin(&path).and_then(|m| m.info()) else {
+            continue;
+        };
+        if pinned.max_entries() != size {
+            info!(
+                "pinned map {name} holds {} entries, {size} are asked for: creating it anew",
+                pinned.max_entries()
+            );
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Identifies the programs as loaded: the embedded object and what the
 /// loader patches into it.
 pub fn object_hash(generation: u32) -> u64 {
@@ -465,6 +500,7 @@ impl Datapath {
         );
         ensure_bpffs(&opts.pin_dir)?;
         retire_incompatible_pins(&opts.pin_dir)?;
+        retire_resized_service_maps(&opts.pin_dir, &opts.limits)?;
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -474,6 +510,9 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_entries);
+        for (name, size) in service_map_sizes(&opts.limits) {
+            loader.map_max_entries(name, size);
+        }
         loader.override_global(GENERATION_GLOBAL, &opts.generation, true);
         // eBPF-side log lines only when debug logging is on (and they are
         // rate-limited in the programs); otherwise the check costs a load.

@@ -77,6 +77,16 @@ enum Command {
         /// Capacity of the conntrack table (entries; a flow takes two).
         #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
+        /// Capacity of the frontends map: node address (or LoadBalancer IP, externalIP)
+        /// × service port, each protocol apart.
+        #[arg(long, default_value_t = forwarder_common::MAX_FRONTENDS)]
+        max_frontends: u32,
+        /// Capacity of the backends map (each distinct list of a port's endpoints once).
+        #[arg(long, default_value_t = forwarder_common::MAX_BACKENDS)]
+        max_backends: u32,
+        /// Distinct service ports (each has its counters).
+        #[arg(long, default_value_t = forwarder_common::MAX_STATS_SLOTS)]
+        max_service_ports: u32,
         #[command(flatten)]
         conntrack_timeouts: ConntrackTimeouts,
         /// On SIGTERM/SIGINT drain (see --drain-timeout), then detach everything
@@ -260,6 +270,9 @@ fn real_main(cli: Cli) -> Result<()> {
             pin_dir,
             snat_port_range,
             conntrack_entries,
+            max_frontends,
+            max_backends,
+            max_service_ports,
             conntrack_timeouts,
             cleanup_on_exit,
             drain_timeout,
@@ -271,6 +284,15 @@ fn real_main(cli: Cli) -> Result<()> {
         } => {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
+            }
+            for (flag, value) in [
+                ("--max-frontends", max_frontends),
+                ("--max-backends", max_backends),
+                ("--max-service-ports", max_service_ports),
+            ] {
+                if value < 2 {
+                    return Err(anyhow!("{flag} must be at least 2"));
+                }
             }
             // Two workers: health and metrics keep answering while the
             // daemon's own loop reprograms a large table (the conntrack
@@ -297,6 +319,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 pin_dir,
                 snat_port_range,
                 conntrack_entries,
+                limits: forwarder::plan::Limits {
+                    frontends: max_frontends,
+                    backends: max_backends,
+                    service_ports: max_service_ports,
+                },
                 conntrack_timeouts,
                 generation: datapath_generation,
                 health_addr,

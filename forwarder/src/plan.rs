@@ -43,21 +43,46 @@ pub enum Op {
     ReleaseSlot(u32),
 }
 
+/// How many entries the service maps hold: their sizes at load
+/// (`--max-frontends`, `--max-backends`, `--max-service-ports`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// FRONTENDS.
+    pub frontends: u32,
+    /// BACKENDS, and BACKEND_MEMBERS.
+    pub backends: u32,
+    /// SERVICE_STATS and SERVICE_LABELS: counter slots, one per service port
+    /// (slot 0 is never used).
+    pub service_ports: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frontends: MAX_FRONTENDS,
+            backends: MAX_BACKENDS,
+            service_ports: MAX_STATS_SLOTS,
+        }
+    }
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("{0} frontends wanted, the frontends map holds {MAX_FRONTENDS}")]
-    TooManyFrontends(usize),
-    #[error("{0} backend entries wanted, the backends map holds {MAX_BACKENDS}")]
-    TooManyBackends(usize),
-    #[error("{0} backend membership entries wanted, the membership map holds {MAX_BACKENDS}")]
-    TooManyMembers(usize),
+    #[error("{0} frontends wanted, the frontends map holds {1} (--max-frontends)")]
+    TooManyFrontends(usize, u32),
+    #[error("{0} backend entries wanted, the backends map holds {1} (--max-backends)")]
+    TooManyBackends(usize, u32),
+    #[error(
+        "{0} backend membership entries wanted, the membership map holds {1} (--max-backends)"
+    )]
+    TooManyMembers(usize, u32),
     #[error("{frontend} has {count} backends, at most {MAX_BACKENDS_PER_FRONTEND} are supported")]
     TooManyBackendsForFrontend {
         frontend: FrontendAddr,
         count: usize,
     },
-    #[error("more than {} distinct service ports", MAX_STATS_SLOTS - 1)]
-    OutOfStatsSlots,
+    #[error("more than {} distinct service ports (--max-service-ports)", .0.saturating_sub(1))]
+    OutOfStatsSlots(u32),
 }
 
 /// The map key for a frontend (network byte order in the map).
@@ -163,9 +188,23 @@ fn current_sets(current: &Snapshot) -> HashMap<u32, Vec<Backend>> {
     sets
 }
 
+/// [`plan_within`] the default map sizes.
 pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError> {
-    if desired.frontends.len() > MAX_FRONTENDS as usize {
-        return Err(PlanError::TooManyFrontends(desired.frontends.len()));
+    plan_within(desired, current, &Limits::default())
+}
+
+/// The map writes from `current` to `desired`, in an order that keeps every
+/// packet consistent, refused if the maps (sized `limits`) cannot hold it.
+pub fn plan_within(
+    desired: &Desired,
+    current: &Snapshot,
+    limits: &Limits,
+) -> Result<Vec<Op>, PlanError> {
+    if desired.frontends.len() > limits.frontends as usize {
+        return Err(PlanError::TooManyFrontends(
+            desired.frontends.len(),
+            limits.frontends,
+        ));
     }
     let mut ops = Vec::new();
 
@@ -180,10 +219,12 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
         .values()
         .map(|f| (f.label(), ()))
         .collect();
-    let mut free_slots = (1..MAX_STATS_SLOTS).filter(|s| !current.labels.contains_key(s));
+    let mut free_slots = (1..limits.service_ports).filter(|s| !current.labels.contains_key(s));
     for label in wanted_labels.keys() {
         if !slot_of.contains_key(label.as_str()) {
-            let slot = free_slots.next().ok_or(PlanError::OutOfStatsSlots)?;
+            let slot = free_slots
+                .next()
+                .ok_or(PlanError::OutOfStatsSlots(limits.service_ports))?;
             ops.push(Op::ClaimSlot(slot, label.clone()));
             slot_of.insert(label.as_str(), slot);
         }
@@ -271,8 +312,8 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
 
     // New sets are written before old ones are deleted: the map must hold both.
     let peak_entries = current.backends.len() + backend_ops.len();
-    if peak_entries > MAX_BACKENDS as usize {
-        return Err(PlanError::TooManyBackends(peak_entries));
+    if peak_entries > limits.backends as usize {
+        return Err(PlanError::TooManyBackends(peak_entries, limits.backends));
     }
     // Membership of a set is complete before a frontend with affinity
     // points at it (or gets its timeout); the same peak rule applies.
@@ -286,8 +327,8 @@ pub fn plan(desired: &Desired, current: &Snapshot) -> Result<Vec<Op>, PlanError>
             .keys()
             .filter(|k| !current.members.contains_key(k))
             .count();
-    if peak_members > MAX_BACKENDS as usize {
-        return Err(PlanError::TooManyMembers(peak_members));
+    if peak_members > limits.backends as usize {
+        return Err(PlanError::TooManyMembers(peak_members, limits.backends));
     }
 
     ops.extend(backend_ops);
@@ -593,6 +634,45 @@ mod tests {
             .map(|b| b.stats_slot)
             .collect();
         assert_eq!(slots, vec![2, 1]);
+    }
+
+    #[test]
+    fn the_map_sizes_bound_the_plan_and_larger_ones_take_more() {
+        let many: Vec<(FrontendAddr, DesiredFrontend)> = (0..70_000u32)
+            .map(|i| {
+                let port = 30_000 + (i % 30_000) as u16;
+                let addr = [10, 1, (i / 30_000) as u8, 1];
+                (fa(addr, port), fe(&format!("ns/s{i}"), vec![be(10, false)]))
+            })
+            .collect();
+        let d = desired(many);
+        let err = plan(&d, &Snapshot::default()).unwrap_err();
+        assert_eq!(err, PlanError::TooManyFrontends(70_000, MAX_FRONTENDS));
+        assert!(err.to_string().contains("--max-frontends"), "{err}");
+        let small_slots = Limits {
+            frontends: 100_000,
+            ..Limits::default()
+        };
+        assert_eq!(
+            plan_within(&d, &Snapshot::default(), &small_slots).unwrap_err(),
+            PlanError::OutOfStatsSlots(MAX_STATS_SLOTS)
+        );
+        let roomy = Limits {
+            frontends: 100_000,
+            backends: 100_000,
+            service_ports: 100_001,
+        };
+        let ops = plan_within(&d, &Snapshot::default(), &roomy).unwrap();
+        let s = apply_to_snapshot(&Snapshot::default(), &ops);
+        assert_eq!(s.frontends.len(), 70_000);
+        let tight = Limits {
+            backends: 0,
+            ..roomy
+        };
+        assert_eq!(
+            plan_within(&d, &Snapshot::default(), &tight).unwrap_err(),
+            PlanError::TooManyBackends(1, 0)
+        );
     }
 
     #[test]

@@ -149,6 +149,50 @@ fn upgrade_with_netlink_tc_filters_drops_no_request() {
     })());
 }
 
+/// A restart that sizes the service maps anew (`--max-frontends`,
+/// `--max-service-ports`): they are created at the new size and programmed
+/// in full before the new programs replace the running ones.
+#[test]
+fn resizing_the_service_maps_on_a_restart_drops_no_request() {
+    skip_unless_netns_capable!();
+    check((|| {
+        let cluster = cluster()?;
+        let options = cluster.daemon_options(1);
+        let mut daemon = cluster.start_forwarder(1, &options)?;
+        let mut resized = options.clone();
+        resized.extra_args.extend(
+            ["--max-frontends", "131072", "--max-service-ports", "100000"].map(String::from),
+        );
+        traffic_survives(&cluster, &mut daemon, |d| {
+            d.stop()?;
+            d.restart(&resized)?;
+            ensure!(
+                d.log()
+                    .contains("pinned map FRONTENDS holds 65536 entries, 131072 are asked for"),
+                "no resize logged: {}",
+                d.log()
+            );
+            Ok(())
+        })?;
+        let pin_dir = daemon.pin_dir().to_string_lossy().into_owned();
+        let out = daemon.forwarder(&["status", "--pin-dir", &pin_dir, "--output", "json"])?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let capacity = |name: &str| {
+            status["maps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["capacity"].as_u64())
+        };
+        ensure!(
+            capacity("FRONTENDS") == Some(131_072) && capacity("SERVICE_LABELS") == Some(100_000),
+            "map sizes after the restart: {status}"
+        );
+        daemon.stop()
+    })());
+}
+
 /// Stops the daemon in the middle of traffic and starts one with another
 /// eBPF object (`extra` added to both daemons' flags).
 fn upgrade(extra: &[&str]) -> Result<()> {

@@ -92,10 +92,9 @@ pub fn run(options: &Options, results: &mut Results) -> Result<()> {
         results.note(
             M,
             format!(
-                "more than {} Services exceed the forwarder's MAX_FRONTENDS: `plan` refuses them \
-                 (TooManyFrontends), so the daemon cannot program 100,000 today; here FRONTENDS \
-                 and BACKENDS were sized at load (`map_max_entries`) and the fillers written \
-                 directly",
+                "more than {} Services exceed the default map sizes: the daemon takes them with \
+                 --max-frontends, --max-backends and --max-service-ports; here FRONTENDS and \
+                 BACKENDS were sized at load (`map_max_entries`) and the fillers written directly",
                 forwarder_common::MAX_FRONTENDS
             ),
         );
