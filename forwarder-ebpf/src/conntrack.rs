@@ -6,7 +6,24 @@
 //! client's ACK to ESTABLISHED, each state with its own timeout. A packet
 //! of a flow we do not track is never adopted mid-stream: it may be one that
 //! kube-proxy carries (started before the forwarder, or while it drained).
-use aya_ebpf::bindings::BPF_NOEXIST;
+//!
+//! Two tables, so that a full one gives up half-open flows first, as
+//! nf_conntrack's early_drop gives up flows that are not assured: a flow
+//! starts in `CT_HALF_OPEN` and moves to `CONNTRACK` once assured (TCP:
+//! ESTABLISHED; UDP: replied to and still active 2 s after it began, which
+//! is when nf_conntrack calls a UDP flow a stream). Each table is its own
+//! LRU: a flood of SYNs from forged sources (the backend answers, the client
+//! never does) recycles half-open entries only, and an idle established flow
+//! can only be pushed out by more established flows. One LRU cannot do this:
+//! the kernel evicts by recency alone, and the flood is always more recent.
+//! Both entries of a flow are always in the same table; a flow moves by
+//! being written to `CONNTRACK` before it leaves `CT_HALF_OPEN`, and every
+//! lookup tries `CONNTRACK` first, so a packet finds it throughout.
+//!
+//! Every entry added and removed is counted per table (`ct_*_inserted`,
+//! `ct_*_deleted`; inserts never overwrite): the daemon compares those with
+//! what the tables hold to infer how many entries LRU pressure took.
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use forwarder_common::{
     Backend, Config, CtEntry, CtKey, Frontend, IfaceInfo, Reason, BACKEND_F_LOCAL, CT_F_REPLY,
     CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_NEW,
@@ -15,7 +32,7 @@ use forwarder_common::{
 
 use crate::{
     fib::Route,
-    maps::{CONNTRACK, IFACES},
+    maps::{CONNTRACK, CT_HALF_OPEN, IFACES},
     parse::{Headers, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -61,6 +78,68 @@ fn generation() -> u16 {
     unsafe { core::ptr::read_volatile(&DATAPATH_GENERATION) as u16 }
 }
 
+/// Which conntrack map a flow's entries are in.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    HalfOpen,
+    Established,
+}
+
+#[inline(always)]
+fn map(table: Table) -> &'static LruHashMap<CtKey, CtEntry> {
+    match table {
+        Table::HalfOpen => &CT_HALF_OPEN,
+        Table::Established => &CONNTRACK,
+    }
+}
+
+#[inline(always)]
+fn entry_ptr(table: Table, key: &CtKey) -> Option<*mut CtEntry> {
+    map(table).get_ptr_mut(key)
+}
+
+#[inline(always)]
+fn entry_ref(table: Table, key: &CtKey) -> Option<&'static CtEntry> {
+    // SAFETY: a pointer the map just returned; the entry stays allocated
+    // while the program runs (RCU), and a concurrent writer can at worst
+    // make us read a mix of two valid entries, which every field tolerates.
+    entry_ptr(table, key).map(|e| unsafe { &*e })
+}
+
+/// Adds `e` at `key` unless an entry is there already; counted.
+#[inline(always)]
+fn insert_new(table: Table, key: &CtKey, e: &CtEntry) -> bool {
+    let added = map(table).insert(key, e, BPF_NOEXIST as u64).is_ok();
+    if added {
+        stats::count(match table {
+            Table::HalfOpen => Reason::CtHalfOpenInserted,
+            Table::Established => Reason::CtEstablishedInserted,
+        });
+    }
+    added
+}
+
+/// Removes the entry at `key`, if any; counted.
+#[inline(always)]
+fn remove(table: Table, key: &CtKey) {
+    if map(table).remove(key).is_ok() {
+        stats::count(match table {
+            Table::HalfOpen => Reason::CtHalfOpenDeleted,
+            Table::Established => Reason::CtEstablishedDeleted,
+        });
+    }
+}
+
+/// Where the flow of `key` is, established first (see the module comment).
+#[inline(always)]
+fn find(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    if let Some(e) = entry_ptr(Table::Established, key) {
+        return Some((Table::Established, e));
+    }
+    entry_ptr(Table::HalfOpen, key).map(|e| (Table::HalfOpen, e))
+}
+
 /// The outcome of looking a packet's tuple up.
 pub struct Lookup {
     /// Set when the packet belongs to a live flow: write this.
@@ -69,6 +148,8 @@ pub struct Lookup {
     /// A closed flow whose tuple a new SYN reuses: replaced on commit.
     pub stale: bool,
     pub stale_peer: CtKey,
+    /// The table the closed flow is in.
+    pub stale_table: Table,
 }
 
 /// Whether a packet arriving on `ingress_ifindex` may use `entry`: a
@@ -98,8 +179,9 @@ pub fn lookup(
         t: Translation::default(),
         stale: false,
         stale_peer: CtKey::default(),
+        stale_table: Table::HalfOpen,
     };
-    let Some(entry) = CONNTRACK.get_ptr_mut(*key) else {
+    let Some((table, entry)) = find(key) else {
         return Ok(out);
     };
     // SAFETY: a pointer the map just returned for this key; the entry stays
@@ -112,8 +194,8 @@ pub fn lookup(
     let is_reply = entry.flags & CT_F_REPLY != 0;
     let closed = entry.state == CT_STATE_FIN || entry.state == CT_STATE_CLOSED;
     let new_syn = h.proto == IPPROTO_TCP && is_syn(h) && closed;
-    if !new_syn && !expired(entry, h.proto, now, cfg) {
-        track(key, entry, h, is_reply, now);
+    if !new_syn && !expired(entry, table, h.proto, now, cfg) {
+        track(key, entry, table, h, is_reply, now);
         out.hit = true;
         out.t = Translation::from_entry(entry);
         return Ok(out);
@@ -124,6 +206,7 @@ pub fn lookup(
     // A new connection reusing an old one's tuple: both entries are replaced.
     out.stale = true;
     out.stale_peer = entry.peer_key(h.proto);
+    out.stale_table = table;
     Ok(out)
 }
 
@@ -137,14 +220,15 @@ pub fn peek(
     cfg: &Config,
     now: u64,
 ) -> Result<Translation, Reason> {
-    // SAFETY (get): a read-only copy of a map value of plain integers.
-    let Some(entry) = (unsafe { CONNTRACK.get(*key) }) else {
+    let Some((table, entry)) = find(key) else {
         return Err(Reason::PassIcmp);
     };
+    // SAFETY: as in `lookup`; only read here.
+    let entry = unsafe { &*entry };
     if !arrived_where_expected(entry, ingress_ifindex, ingress) {
         return Err(Reason::PassWrongDevice);
     }
-    if expired(entry, key.proto, now, cfg) {
+    if expired(entry, table, key.proto, now, cfg) {
         return Err(Reason::PassIcmp);
     }
     Ok(Translation::from_entry(entry))
@@ -167,12 +251,16 @@ pub struct NewFlow {
 }
 
 /// Creates both entries of `flow`, leaving through `route`; returns the
-/// packet's translation.
+/// packet's translation. A closed flow on the same tuple (`stale`, in
+/// `stale_table`) is removed first, so it is gone even if the new flow
+/// cannot be tracked, and every insert below is a plain insert-if-absent.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn commit(
     flow: &NewFlow,
     stale: bool,
     stale_peer: &CtKey,
+    stale_table: Table,
     h: &Headers,
     route: &Route,
     cfg: &Config,
@@ -180,7 +268,8 @@ pub fn commit(
 ) -> Result<Translation, Reason> {
     let (fe, be) = (&flow.fe, &flow.be);
     if stale {
-        let _ = CONNTRACK.remove(*stale_peer);
+        remove(stale_table, &flow.key);
+        remove(stale_table, stale_peer);
         stats::count(Reason::CtRecycled);
     }
     let state = CT_STATE_NEW;
@@ -199,7 +288,11 @@ pub fn commit(
     } else {
         let rkey = CtKey::new(be.addr_be, be.port_be, h.saddr, h.sport, h.proto);
         let reply = reply_entry(h, fe, be, now, route.ifindex, 0);
-        if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
+        if !insert_new(Table::HalfOpen, &rkey, &reply) {
+            return Err(Reason::PassCtCollision);
+        }
+        if entry_ptr(Table::Established, &rkey).is_some() {
+            remove(Table::HalfOpen, &rkey);
             return Err(Reason::PassCtCollision);
         }
         (h.saddr, h.sport, rkey)
@@ -221,13 +314,12 @@ pub fn commit(
         ifindex: 0,
         peer_ifindex: route.ifindex,
     };
-    let flags = if stale { 0 } else { BPF_NOEXIST as u64 };
-    if CONNTRACK.insert(flow.key, forward, flags).is_err() {
+    if !insert_new(Table::HalfOpen, &flow.key, &forward) {
         // Another CPU created this flow first (or the map refused): use theirs.
-        let _ = CONNTRACK.remove(reply_key);
-        // SAFETY (get): a read-only copy of a map value of plain integers.
-        return match unsafe { CONNTRACK.get(flow.key) } {
-            Some(e) => Ok(Translation::from_entry(e)),
+        remove(Table::HalfOpen, &reply_key);
+        return match find(&flow.key) {
+            // SAFETY: as in `lookup`; only read here.
+            Some((_, e)) => Ok(Translation::from_entry(unsafe { &*e })),
             None => Err(Reason::PassCtFull),
         };
     }
@@ -289,14 +381,25 @@ fn claim_snat_port(
         };
         let port_be = cfg.snat_port(offset).to_be();
         let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
-        if CONNTRACK.insert(rkey, *reply, BPF_NOEXIST as u64).is_ok() {
-            return Ok((port_be, rkey));
-        }
-        // SAFETY (get): a read-only copy of a map value of plain integers.
-        if let Some(old) = unsafe { CONNTRACK.get(rkey) } {
-            if reclaimable(old, proto, now, cfg) {
-                let _ = CONNTRACK.remove(old.peer_key(proto));
-                if CONNTRACK.insert(rkey, *reply, 0).is_ok() {
+        if insert_new(Table::HalfOpen, &rkey, reply) {
+            // Claimed among half-open flows; an established flow may hold it.
+            let Some(old) = entry_ref(Table::Established, &rkey) else {
+                return Ok((port_be, rkey));
+            };
+            if reclaimable(old, Table::Established, proto, now, cfg) {
+                let old_peer = old.peer_key(proto);
+                remove(Table::Established, &old_peer);
+                remove(Table::Established, &rkey);
+                stats::count(Reason::CtRecycled);
+                return Ok((port_be, rkey));
+            }
+            remove(Table::HalfOpen, &rkey);
+        } else if let Some(old) = entry_ref(Table::HalfOpen, &rkey) {
+            if reclaimable(old, Table::HalfOpen, proto, now, cfg) {
+                let old_peer = old.peer_key(proto);
+                remove(Table::HalfOpen, &old_peer);
+                remove(Table::HalfOpen, &rkey);
+                if insert_new(Table::HalfOpen, &rkey, reply) {
                     stats::count(Reason::CtRecycled);
                     return Ok((port_be, rkey));
                 }
@@ -315,32 +418,44 @@ const HALF_OPEN_GRACE_NS: u64 = 3_000_000_000;
 /// A source port held by `old` may be taken over: closed, expired, or a
 /// TCP handshake that never completed within the grace period.
 #[inline(always)]
-fn reclaimable(old: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
+fn reclaimable(old: &CtEntry, table: Table, proto: u8, now: u64, cfg: &Config) -> bool {
     let half_open = proto == IPPROTO_TCP
         && (old.state == CT_STATE_NEW || old.state == CT_STATE_SYN_RECV)
         && now.saturating_sub(old.created_ns) > HALF_OPEN_GRACE_NS;
-    old.state == CT_STATE_CLOSED || half_open || expired(old, proto, now, cfg)
+    old.state == CT_STATE_CLOSED || half_open || expired(old, table, proto, now, cfg)
 }
 
-/// Idle past the timeout for its state, in both directions.
+/// Idle past the timeout for its state, in both directions (`table` holds both).
 #[inline(always)]
-fn expired(entry: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
+fn expired(entry: &CtEntry, table: Table, proto: u8, now: u64, cfg: &Config) -> bool {
     let timeout = cfg.timeout_ns(proto, entry.state);
     if now.saturating_sub(entry.last_seen_ns) <= timeout {
         return false;
     }
     // One-way traffic keeps a flow alive through the other direction's entry.
-    // SAFETY (get): a read-only copy of a map value of plain integers.
-    match unsafe { CONNTRACK.get(entry.peer_key(proto)) } {
+    match entry_ref(table, &entry.peer_key(proto)) {
         Some(peer) => now.saturating_sub(peer.last_seen_ns) > timeout,
         None => true,
     }
 }
 
-/// Updates state and age for a packet of an existing flow, keeping the peer
-/// entry present and in the same state.
+/// How long a replied UDP flow stays half-open: nf_conntrack assures it
+/// only once it is a stream, traffic seen 2 s after it began.
+const UDP_STREAM_NS: u64 = 2_000_000_000;
+
+/// Whether a flow in `state`, created at `created_ns`, belongs in the
+/// established table.
 #[inline(always)]
-fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64) {
+fn assured(proto: u8, state: u8, created_ns: u64, now: u64) -> bool {
+    state == CT_STATE_ESTABLISHED
+        && (proto == IPPROTO_TCP || now.saturating_sub(created_ns) > UDP_STREAM_NS)
+}
+
+/// Updates state and age for a packet of an existing flow, keeping the peer
+/// entry present and in the same state, and moving a newly assured flow to
+/// the established table.
+#[inline(always)]
+fn track(key: &CtKey, entry: &mut CtEntry, table: Table, h: &Headers, is_reply: bool, now: u64) {
     let next = next_state(entry.state, h, is_reply);
     let changed = next != entry.state;
     if !changed && now.saturating_sub(entry.last_seen_ns) < TOUCH_INTERVAL_NS {
@@ -349,12 +464,18 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
     entry.state = next;
     entry.last_seen_ns = now;
     let peer_key = entry.peer_key(h.proto);
-    match CONNTRACK.get_ptr_mut(peer_key) {
+    let promote = table == Table::HalfOpen && assured(h.proto, next, entry.created_ns, now);
+    match entry_ptr(table, &peer_key) {
         Some(peer) => {
             if changed {
                 // SAFETY: as in `lookup`: a live entry of this map; a racing
                 // writer can only store another valid state.
                 unsafe { (*peer).state = next };
+            }
+            if promote {
+                // SAFETY: as above; read only, copied by the insert.
+                let peer = unsafe { &*peer };
+                promote_flow(key, entry, &peer_key, peer);
             }
         }
         None => {
@@ -375,8 +496,27 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 ifindex: entry.peer_ifindex,
                 peer_ifindex: entry.ifindex,
             };
-            let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);
+            if promote {
+                promote_flow(key, entry, &peer_key, &peer);
+            } else {
+                let _ = insert_new(table, &peer_key, &peer);
+            }
         }
+    }
+}
+
+/// Moves a flow from the half-open table to the established one: written
+/// there first, removed here only once both entries are there (or already
+/// were, another CPU moving it too), so no packet misses it meanwhile.
+#[inline(always)]
+fn promote_flow(key: &CtKey, entry: &CtEntry, peer_key: &CtKey, peer: &CtEntry) {
+    let forward_there =
+        insert_new(Table::Established, key, entry) || entry_ptr(Table::Established, key).is_some();
+    let peer_there = insert_new(Table::Established, peer_key, peer)
+        || entry_ptr(Table::Established, peer_key).is_some();
+    if forward_there && peer_there {
+        remove(Table::HalfOpen, key);
+        remove(Table::HalfOpen, peer_key);
     }
 }
 

@@ -50,6 +50,7 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
     pub snat_port_range: Option<(u16, u16)>,
     pub conntrack_entries: u32,
+    pub conntrack_half_open_entries: u32,
     pub conntrack_timeouts: ConntrackTimeouts,
     pub on_exit: OnExit,
     pub generation: u32,
@@ -212,6 +213,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir.clone(),
         config,
         conntrack_entries: args.conntrack_entries,
+        conntrack_half_open_entries: args.conntrack_half_open_entries,
         generation: args.generation,
     };
     let mut dp = Datapath::load(&opts)?;

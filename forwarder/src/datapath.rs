@@ -58,6 +58,7 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub config: Config,
     pub conntrack_entries: u32,
+    pub conntrack_half_open_entries: u32,
     /// Patched into the programs' read-only data (`--datapath-generation`).
     pub generation: u32,
 }
@@ -129,6 +130,9 @@ pub struct Datapath {
     pub adopted: Option<DaemonStatus>,
     pub object_hash: u64,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// LRU evictions inferred at each sweep, per table.
+    evicted_half_open: EvictionTally,
+    evicted_established: EvictionTally,
 }
 
 // nix's constant has the C library's f_type width (i64 on glibc, u64 on musl).
@@ -252,7 +256,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
             size_of::<BackendKey>() as u32,
             size_of::<Backend>() as u32,
         ),
-        map_names::CONNTRACK => (
+        map_names::CONNTRACK | map_names::CT_HALF_OPEN => (
             MapType::LruHash,
             size_of::<CtKey>() as u32,
             size_of::<CtEntry>() as u32,
@@ -345,6 +349,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_entries);
+        loader.map_max_entries(map_names::CT_HALF_OPEN, opts.conntrack_half_open_entries);
         loader.override_global(GENERATION_GLOBAL, &opts.generation, true);
         // eBPF-side log lines only when debug logging is on (and they are
         // rate-limited in the programs); otherwise the check costs a load.
@@ -377,15 +382,19 @@ impl Datapath {
                 None
             }
         };
-        let ct_size = MapData::from_pin(pin_path(&opts.pin_dir, map_names::CONNTRACK))
-            .and_then(|m| m.info())
-            .map(|i| i.max_entries())
-            .unwrap_or(0);
-        if ct_size != opts.conntrack_entries {
-            warn!(
-                "the pinned conntrack table holds {ct_size} entries, not the {} asked for: keeping it (and its flows); `forwarder uninstall` to resize",
-                opts.conntrack_entries
-            );
+        for (name, asked) in [
+            (map_names::CONNTRACK, opts.conntrack_entries),
+            (map_names::CT_HALF_OPEN, opts.conntrack_half_open_entries),
+        ] {
+            let size = MapData::from_pin(pin_path(&opts.pin_dir, name))
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .unwrap_or(0);
+            if size != asked {
+                warn!(
+                    "the pinned conntrack table {name} holds {size} entries, not the {asked} asked for: keeping it (and its flows); `forwarder uninstall` to resize"
+                );
+            }
         }
         maps.config
             .set(0, opts.config, 0)
@@ -425,6 +434,8 @@ impl Datapath {
             adopted: previous,
             object_hash,
             logger,
+            evicted_half_open: EvictionTally::default(),
+            evicted_established: EvictionTally::default(),
         })
     }
 
@@ -711,18 +722,50 @@ impl Datapath {
 
     /// Deletes conntrack entries idle past their timeout (both directions),
     /// freeing their source ports, and reports what the remaining flows need.
+    ///
+    /// The walk also counts what each table holds, against which the
+    /// datapath's insert and delete counters tell how many entries LRU
+    /// pressure took (see [`EvictionTally`]); the totals are stored as the
+    /// `ct_*_evicted` counts.
     pub fn sweep_conntrack(&mut self, config: &Config) -> Result<Sweep> {
         let now = monotonic_ns()?;
-        let mut entries = self.conntrack_snapshot();
-        let expired = expired_flows(&entries, config, now);
-        for k in &expired {
-            let _ = self.maps.conntrack.remove(k);
-            entries.remove(k);
+        let mut sweep = Sweep::default();
+        let mut remaining = BTreeMap::new();
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            let before = self.maps.reason_totals()?;
+            let mut entries = conntrack_entries_of(self.maps.ct_table(table));
+            let after = self.maps.reason_totals()?;
+            // The walk is not atomic: the counters midway through it match best.
+            let [inserted, deleted] = [table.inserted(), table.deleted()]
+                .map(|r| (before[r.name()] + after[r.name()]) / 2);
+            let tally = match table {
+                CtTable::HalfOpen => &mut self.evicted_half_open,
+                CtTable::Established => &mut self.evicted_established,
+            };
+            let stored = before[table.evicted().name()];
+            let evicted = tally.update(inserted, deleted, entries.len() as u64, stored);
+            if evicted != stored {
+                self.maps.set_reason_total(table.evicted(), evicted)?;
+            }
+            let expired = expired_flows(&entries, config, now);
+            let map = self.maps.ct_table_mut(table);
+            let mut removed = 0;
+            for k in &expired {
+                if map.remove(k).is_ok() {
+                    removed += 1;
+                }
+                entries.remove(k);
+            }
+            tally.removed_by_daemon += removed;
+            sweep.removed += expired.len();
+            match table {
+                CtTable::HalfOpen => sweep.evicted_half_open = evicted,
+                CtTable::Established => sweep.evicted_established = evicted,
+            }
+            remaining.append(&mut entries);
         }
-        Ok(Sweep {
-            removed: expired.len(),
-            local_backends: local_backends_with_flows(&entries),
-        })
+        sweep.local_backends = local_backends_with_flows(&remaining);
+        Ok(sweep)
     }
 
     /// Deletes UDP flows whose backend left their frontend's backend list,
@@ -730,20 +773,38 @@ impl Datapath {
     /// (kube-proxy flushes those). TCP flows keep their backend until they
     /// end, as under kube-proxy: that is what lets a terminating pod drain.
     pub fn purge_stale_flows(&mut self, desired: &Desired) -> Result<usize> {
-        let entries = self.conntrack_snapshot();
-        let stale = stale_flows(&entries, desired);
-        for k in &stale {
-            let _ = self.maps.conntrack.remove(k);
+        let mut purged = 0;
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            let entries = conntrack_entries_of(self.maps.ct_table(table));
+            let stale = stale_flows(&entries, desired);
+            let map = self.maps.ct_table_mut(table);
+            let mut removed = 0;
+            for k in &stale {
+                if map.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+            match table {
+                CtTable::HalfOpen => self.evicted_half_open.removed_by_daemon += removed,
+                CtTable::Established => self.evicted_established.removed_by_daemon += removed,
+            }
+            purged += stale.len();
         }
-        Ok(stale.len())
+        Ok(purged)
     }
 
+    /// Both tables' entries (a flow's two are always in the same one).
     fn conntrack_snapshot(&self) -> BTreeMap<CtKey, CtEntry> {
-        conntrack_entries_of(&self.maps.conntrack)
+        let mut entries = conntrack_entries_of(&self.maps.ct_half_open);
+        entries.append(&mut conntrack_entries_of(&self.maps.conntrack));
+        entries
     }
 
     pub fn conntrack_entries(&self) -> usize {
-        self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+        [&self.maps.ct_half_open, &self.maps.conntrack]
+            .iter()
+            .map(|m| m.keys().filter(|k| k.is_ok()).count())
+            .sum()
     }
 
     /// Backends without source NAT (local pods) that conntrack entries
@@ -790,8 +851,75 @@ impl Datapath {
 pub struct Sweep {
     /// Entries removed (a flow has two).
     pub removed: usize,
+    /// Entries lost to LRU pressure so far, per table (inferred; see
+    /// [`EvictionTally`]).
+    pub evicted_half_open: u64,
+    pub evicted_established: u64,
     /// See [`local_backends_with_flows`].
     pub local_backends: BTreeSet<Ipv4Addr>,
+}
+
+/// The two conntrack tables (see forwarder-ebpf's `conntrack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtTable {
+    HalfOpen,
+    Established,
+}
+
+impl CtTable {
+    const fn inserted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenInserted,
+            CtTable::Established => Reason::CtEstablishedInserted,
+        }
+    }
+
+    const fn deleted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenDeleted,
+            CtTable::Established => Reason::CtEstablishedDeleted,
+        }
+    }
+
+    const fn evicted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenEvicted,
+            CtTable::Established => Reason::CtEstablishedEvicted,
+        }
+    }
+}
+
+/// Infers one table's LRU evictions, which the kernel does silently: every
+/// entry the datapath added (inserts never overwrite, so each counts one)
+/// is either still there, removed by the datapath or the daemon (each
+/// removal counted), or evicted. So `inserted - deleted - removed by the
+/// daemon - live` grows by exactly the evictions, `live` being what a walk
+/// finds. Inexact in two ways, both small against a flood: the walk of a
+/// changing table is not a snapshot (entries added or removed meanwhile
+/// blur `live`), and removals by anyone else (another process deleting
+/// entries) count as evictions. Counted from this daemon's first sweep on
+/// top of what the pinned counter held then (earlier daemons' counts); the
+/// stored count is the highest estimate so far, so it never goes down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvictionTally {
+    /// From the first sweep: the balance then, and the stored count then.
+    baseline: Option<(i64, u64)>,
+    /// Entries this daemon removed (sweeps, purges).
+    pub removed_by_daemon: u64,
+    highest: u64,
+}
+
+impl EvictionTally {
+    /// The datapath's counters and the walk's count at one sweep, and the
+    /// count stored now; returns the count to store.
+    pub fn update(&mut self, inserted: u64, deleted: u64, live: u64, stored: u64) -> u64 {
+        let balance =
+            inserted as i64 - deleted as i64 - self.removed_by_daemon as i64 - live as i64;
+        let (first_balance, first_stored) = *self.baseline.get_or_insert((balance, stored));
+        let since_start = u64::try_from(balance - first_balance).unwrap_or(0);
+        self.highest = self.highest.max(since_start);
+        first_stored + self.highest
+    }
 }
 
 /// How a drain ended.
@@ -837,6 +965,7 @@ pub trait DrainTarget {
 struct PinnedDatapath {
     config: Array<MapData, Config>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_half_open: HashMap<MapData, CtKey, CtEntry>,
 }
 
 impl DrainTarget for PinnedDatapath {
@@ -853,7 +982,9 @@ impl DrainTarget for PinnedDatapath {
     }
 
     fn flows(&self) -> BTreeMap<CtKey, CtEntry> {
-        conntrack_entries_of(&self.conntrack)
+        let mut flows = conntrack_entries_of(&self.ct_half_open);
+        flows.append(&mut conntrack_entries_of(&self.conntrack));
+        flows
     }
 
     fn now_ns(&self) -> Result<u64> {
@@ -871,6 +1002,7 @@ pub fn drain(pin_dir: &Path, timeout: Duration) -> Result<DrainOutcome> {
         Ok(PinnedDatapath {
             config,
             conntrack: open_pinned_as(pin_dir, map_names::CONNTRACK)?,
+            ct_half_open: open_pinned_as(pin_dir, map_names::CT_HALF_OPEN)?,
         })
     });
     match opened {

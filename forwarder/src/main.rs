@@ -69,9 +69,14 @@ enum Command {
         /// the NodePort range, in at most two ranges).
         #[arg(long, value_parser = parse_port_range)]
         snat_port_range: Option<(u16, u16)>,
-        /// Capacity of the conntrack table (entries; a flow takes two).
+        /// Capacity of the conntrack table of established flows (entries; a
+        /// flow takes two).
         #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
+        /// Capacity of the table of flows not established yet (entries; a flow
+        /// takes two): a SYN flood recycles these and never established ones.
+        #[arg(long, default_value_t = forwarder_common::DEFAULT_CT_HALF_OPEN_ENTRIES)]
+        conntrack_half_open_entries: u32,
         #[command(flatten)]
         conntrack_timeouts: ConntrackTimeouts,
         /// On SIGTERM/SIGINT drain (see --drain-timeout), then detach everything
@@ -246,6 +251,7 @@ fn real_main(cli: Cli) -> Result<()> {
             pin_dir,
             snat_port_range,
             conntrack_entries,
+            conntrack_half_open_entries,
             conntrack_timeouts,
             cleanup_on_exit,
             drain_timeout,
@@ -256,6 +262,9 @@ fn real_main(cli: Cli) -> Result<()> {
         } => {
             if conntrack_entries < 2 {
                 return Err(anyhow!("--conntrack-entries must be at least 2"));
+            }
+            if conntrack_half_open_entries < 2 {
+                return Err(anyhow!("--conntrack-half-open-entries must be at least 2"));
             }
             // Two workers: health and metrics keep answering while the
             // daemon's own loop sweeps or reprograms a large table.
@@ -280,6 +289,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 pin_dir,
                 snat_port_range,
                 conntrack_entries,
+                conntrack_half_open_entries,
                 conntrack_timeouts,
                 generation: datapath_generation,
                 health_addr,

@@ -21,7 +21,7 @@ use forwarder::{
     model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
     plan,
 };
-use forwarder_common::{program_names, Config, CtKey, Reason};
+use forwarder_common::{program_names, Config, CtEntry, CtKey, Reason};
 use integration_tests::{netns::Netns, skip_unless_netns_capable};
 
 const XDP_DROP: u32 = 1;
@@ -205,7 +205,15 @@ impl Rig {
     }
 
     fn has_flow(&self, key: CtKey) -> bool {
-        self.maps.conntrack.get(&key, 0).is_ok()
+        self.entry(key).is_some()
+    }
+
+    /// A flow's entry at `key` and whether it is in the established table.
+    fn entry(&self, key: CtKey) -> Option<(CtEntry, bool)> {
+        if let Ok(e) = self.maps.conntrack.get(&key, 0) {
+            return Some((e, true));
+        }
+        self.maps.ct_half_open.get(&key, 0).ok().map(|e| (e, false))
     }
 
     /// A client's SYN to the remote TCP frontend, sent back out with XDP_TX;
@@ -816,7 +824,7 @@ fn tcp_flags_frame(
 }
 
 fn entry_state(rig: &Rig, key: CtKey) -> Result<u8> {
-    Ok(rig.maps.conntrack.get(&key, 0).context("no entry")?.state)
+    Ok(rig.entry(key).context("no entry")?.0.state)
 }
 
 #[test]

@@ -263,14 +263,14 @@ impl Rig {
     }
 
     fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<CtKey> = self
-            .maps
-            .conntrack
-            .keys()
-            .collect::<Result<_, _>>()
-            .context("listing conntrack")?;
-        for k in keys {
-            let _ = self.maps.conntrack.remove(&k);
+        for map in [&mut self.maps.conntrack, &mut self.maps.ct_half_open] {
+            let keys: Vec<CtKey> = map
+                .keys()
+                .collect::<Result<_, _>>()
+                .context("listing conntrack")?;
+            for k in keys {
+                let _ = map.remove(&k);
+            }
         }
         Ok(())
     }
