@@ -1431,6 +1431,24 @@ mod tests {
     use super::*;
     use crate::model::{DesiredBackend, DesiredFrontend};
 
+    #[test]
+    fn evictions_are_what_was_added_and_neither_removed_nor_found() {
+        let mut t = EvictionTally::default();
+        // First sweep: a pinned table with history; an earlier daemon had
+        // stored 7 evictions. Nothing is inferred about the past.
+        assert_eq!(t.update(1000, 400, 500, 7), 7);
+        // 300 added, 50 removed by the datapath, 20 by our sweep, 30 more
+        // found: 200 evicted.
+        t.removed_by_daemon += 20;
+        assert_eq!(t.update(1300, 450, 530, 7), 207);
+        // A walk that caught entries mid-change (the estimate dips) never
+        // makes the count go down.
+        assert_eq!(t.update(1300, 450, 560, 207), 207);
+        // Nothing lost: the count stays.
+        assert_eq!(t.update(1400, 550, 530, 207), 207);
+        assert_eq!(t.update(1500, 550, 530, 207), 307);
+    }
+
     fn pair(last_fwd: u64, last_rev: u64, proto: u8, state: u8) -> BTreeMap<CtKey, CtEntry> {
         let fwd_key = CtKey::new(1, 100, 2, 200, proto);
         let fwd = CtEntry {

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use etherparse::{
     Ethernet2Header, Icmpv4Type, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
@@ -21,7 +21,7 @@ use forwarder::{
     model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
     plan,
 };
-use forwarder_common::{program_names, Config, CtEntry, CtKey, Reason};
+use forwarder_common::{map_names, program_names, Config, CtEntry, CtKey, Reason};
 use integration_tests::{netns::Netns, skip_unless_netns_capable};
 
 const XDP_DROP: u32 = 1;
@@ -48,6 +48,9 @@ const NP_LOCAL_TCP: u16 = 31381;
 const NP_REMOTE_UDP: u16 = 31353;
 const NP_LOCAL_UDP: u16 = 31354;
 const NP_LOCAL_POLICY_EMPTY: u16 = 31390;
+
+/// The rig's half-open table, small so a table-sized flood is quick.
+const HALF_OPEN_ENTRIES: u32 = 256;
 
 /// A node namespace, the programs loaded, and the maps programmed.
 struct Rig {
@@ -92,7 +95,9 @@ fn backend(addr: Ipv4Addr, port: u16, local: bool) -> DesiredBackend {
 impl Rig {
     /// Must run inside the namespace (fib lookups use the caller's).
     fn new(ns: Netns) -> Result<Rig> {
-        let mut ebpf = Ebpf::load(&forwarder::kfuncs::prepared_object()?.0)
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CT_HALF_OPEN, HALF_OPEN_ENTRIES)
+            .load(&forwarder::kfuncs::prepared_object()?.0)
             .context("loading the eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
         let (eth0, cali) = integration_tests::netns::configure_test_run_node(&mut maps)?;
@@ -863,6 +868,125 @@ fn only_a_clients_syn_starts_a_flow_and_the_handshake_establishes_it() {
         ensure!(v == XDP_TX);
         ensure!(entry_state(rig, key)? == forwarder_common::CT_STATE_ESTABLISHED);
         ensure!(entry_state(rig, reply_key)? == forwarder_common::CT_STATE_ESTABLISHED);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_syn_flood_recycles_half_open_flows_and_never_an_established_one() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_TCP);
+        // An established flow, idle while the flood runs.
+        let client = (CLIENT, 40200);
+        let key = ct_key(client, front, 6);
+        let (v, out) = rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["syn"], &[]))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let reply_key = ct_key((REMOTE_POD, 80), (NODE, port), 6);
+        ensure!(
+            rig.entry(key).context("no entry")?.1 == false,
+            "a SYN starts half-open"
+        );
+        let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, port), &["syn", "ack"], &[]);
+        ensure!(rig.xdp(rig.eth0, &synack)?.0 == XDP_TX);
+        ensure!(
+            rig.entry(key).context("no entry")?.1 == false,
+            "SYN_RECV is half-open"
+        );
+        ensure!(
+            rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["ack"], &[]))?
+                .0
+                == XDP_TX
+        );
+        for k in [key, reply_key] {
+            ensure!(
+                rig.entry(k).context("flow lost")?.1,
+                "the handshake's ACK did not move {k:?} to the established table"
+            );
+            ensure!(
+                rig.maps.ct_half_open.get(&k, 0).is_err(),
+                "{k:?} left behind"
+            );
+        }
+
+        // Eight tables' worth of SYNs from new clients, each answered by the
+        // backend as a real one would: each starts a flow (XDP_TX), none
+        // completes.
+        let inserted = rig.count(Reason::CtHalfOpenInserted)?;
+        let deleted = rig.count(Reason::CtHalfOpenDeleted)?;
+        let flood = 8 * HALF_OPEN_ENTRIES;
+        for i in 0..flood {
+            let forged = (CLIENT, 1024 + i as u16);
+            let (v, out) = rig.xdp(rig.eth0, &tcp_flags_frame(forged, front, &["syn"], &[]))?;
+            ensure!(v == XDP_TX, "flood SYN {i}: verdict {v}");
+            let p = src_port(&out)?;
+            let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, p), &["syn", "ack"], &[]);
+            ensure!(rig.xdp(rig.eth0, &synack)?.0 == XDP_TX, "flood SYN-ACK {i}");
+        }
+        let live = rig.maps.ct_half_open.keys().count() as u64;
+        ensure!(live <= HALF_OPEN_ENTRIES as u64, "{live} half-open entries");
+        let added = rig.count(Reason::CtHalfOpenInserted)? - inserted;
+        let removed = rig.count(Reason::CtHalfOpenDeleted)? - deleted;
+        ensure!(added >= 2 * flood as u64, "{added} half-open entries added");
+        // What was added and is neither there nor removed was evicted.
+        ensure!(
+            added - removed - live >= flood as u64,
+            "only {} half-open entries evicted",
+            added - removed - live
+        );
+        ensure!(rig.count(Reason::CtEstablishedDeleted)? == 0);
+
+        // The idle flow is still there and still translated, both ways.
+        ensure!(rig.entry(key).is_some_and(|(_, est)| est) && rig.entry(reply_key).is_some());
+        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, false, b"after"))?;
+        ensure!(v == XDP_TX, "the established flow's data: verdict {v}");
+        ensure!(
+            src_port(&out)? == port,
+            "the established flow changed its port"
+        );
+        let reply = tcp_frame((REMOTE_POD, 80), (NODE, port), 64, false, b"reply");
+        ensure!(rig.xdp(rig.eth0, &reply)?.0 == XDP_TX, "its reply");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_udp_flow_is_established_once_replied_and_still_active_two_seconds_on() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_UDP);
+        let client = (CLIENT, 40300);
+        let key = ct_key(client, front, 17);
+        let (v, out) = rig.xdp(rig.eth0, &udp_frame(client, front, 64, b"q"))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let reply = udp_frame((REMOTE_POD, 53), (NODE, port), 64, b"a");
+        ensure!(rig.xdp(rig.eth0, &reply)?.0 == XDP_TX);
+        ensure!(
+            entry_state(rig, key)? == forwarder_common::CT_STATE_ESTABLISHED,
+            "replied"
+        );
+        ensure!(
+            !rig.entry(key).context("no entry")?.1,
+            "established before it is a stream"
+        );
+        // nf_conntrack's stream: still talking more than 2 s after it began.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        ensure!(rig.xdp(rig.eth0, &udp_frame(client, front, 64, b"q2"))?.0 == XDP_TX);
+        let reply_key = ct_key((REMOTE_POD, 53), (NODE, port), 17);
+        for k in [key, reply_key] {
+            ensure!(
+                rig.entry(k).context("flow lost")?.1,
+                "{k:?} not established"
+            );
+        }
+        ensure!(
+            rig.xdp(rig.eth0, &reply)?.0 == XDP_TX,
+            "a reply after the move"
+        );
         Ok(())
     })
     .unwrap();
