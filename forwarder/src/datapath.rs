@@ -425,7 +425,7 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
         tc.load().context("loading the tc program (verifier)")?;
 
-        Ok(Datapath {
+        let mut dp = Datapath {
             ebpf,
             maps,
             pin_dir: opts.pin_dir.clone(),
@@ -436,7 +436,12 @@ impl Datapath {
             logger,
             evicted_half_open: EvictionTally::default(),
             evicted_established: EvictionTally::default(),
-        })
+        };
+        // The eviction counts start from here, not from the first sweep.
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            dp.walk_counting_evictions(table)?;
+        }
+        Ok(dp)
     }
 
     /// Attaches (or, after a restart, atomically replaces the programs of)
@@ -732,21 +737,7 @@ impl Datapath {
         let mut sweep = Sweep::default();
         let mut remaining = BTreeMap::new();
         for table in [CtTable::HalfOpen, CtTable::Established] {
-            let before = self.maps.reason_totals()?;
-            let mut entries = conntrack_entries_of(self.maps.ct_table(table));
-            let after = self.maps.reason_totals()?;
-            // The walk is not atomic: the counters midway through it match best.
-            let [inserted, deleted] = [table.inserted(), table.deleted()]
-                .map(|r| (before[r.name()] + after[r.name()]) / 2);
-            let tally = match table {
-                CtTable::HalfOpen => &mut self.evicted_half_open,
-                CtTable::Established => &mut self.evicted_established,
-            };
-            let stored = before[table.evicted().name()];
-            let evicted = tally.update(inserted, deleted, entries.len() as u64, stored);
-            if evicted != stored {
-                self.maps.set_reason_total(table.evicted(), evicted)?;
-            }
+            let (mut entries, evicted) = self.walk_counting_evictions(table)?;
             let expired = expired_flows(&entries, config, now);
             let map = self.maps.ct_table_mut(table);
             let mut removed = 0;
@@ -756,7 +747,10 @@ impl Datapath {
                 }
                 entries.remove(k);
             }
-            tally.removed_by_daemon += removed;
+            match table {
+                CtTable::HalfOpen => self.evicted_half_open.removed_by_daemon += removed,
+                CtTable::Established => self.evicted_established.removed_by_daemon += removed,
+            }
             sweep.removed += expired.len();
             match table {
                 CtTable::HalfOpen => sweep.evicted_half_open = evicted,
@@ -766,6 +760,29 @@ impl Datapath {
         }
         sweep.local_backends = local_backends_with_flows(&remaining);
         Ok(sweep)
+    }
+
+    /// A walk of `table`, and the evictions inferred from it (stored).
+    fn walk_counting_evictions(
+        &mut self,
+        table: CtTable,
+    ) -> Result<(BTreeMap<CtKey, CtEntry>, u64)> {
+        let before = self.maps.reason_totals()?;
+        let entries = conntrack_entries_of(self.maps.ct_table(table));
+        let after = self.maps.reason_totals()?;
+        // The walk is not atomic: the counters midway through it match best.
+        let [inserted, deleted] =
+            [table.inserted(), table.deleted()].map(|r| (before[r.name()] + after[r.name()]) / 2);
+        let tally = match table {
+            CtTable::HalfOpen => &mut self.evicted_half_open,
+            CtTable::Established => &mut self.evicted_established,
+        };
+        let stored = before[table.evicted().name()];
+        let evicted = tally.update(inserted, deleted, entries.len() as u64, stored);
+        if evicted != stored {
+            self.maps.set_reason_total(table.evicted(), evicted)?;
+        }
+        Ok((entries, evicted))
     }
 
     /// Deletes UDP flows whose backend left their frontend's backend list,
