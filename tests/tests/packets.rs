@@ -886,13 +886,13 @@ fn a_syn_flood_recycles_half_open_flows_and_never_an_established_one() {
         let port = src_port(&out)?;
         let reply_key = ct_key((REMOTE_POD, 80), (NODE, port), 6);
         ensure!(
-            rig.entry(key).context("no entry")?.1 == false,
+            !rig.entry(key).context("no entry")?.1,
             "a SYN starts half-open"
         );
         let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, port), &["syn", "ack"], &[]);
         ensure!(rig.xdp(rig.eth0, &synack)?.0 == XDP_TX);
         ensure!(
-            rig.entry(key).context("no entry")?.1 == false,
+            !rig.entry(key).context("no entry")?.1,
             "SYN_RECV is half-open"
         );
         ensure!(
