@@ -421,9 +421,10 @@ const DESCRIPTIONS: [(u32, &str); 8] = [
          the client namespace, local ports 1024-65535, open-file limit raised) opens 30,000 TCP \
          connections (3,000 with --quick) from one address (child processes of 10,000 each, 8 at a time in each, 4 s connect timeout) and keeps them all open; \
          then the forwarder's established table is counted: **carried by the forwarder** = its \
-         flows to that backend, **to kube-proxy** = new flows it handed to the kernel because no \
-         source port was free (`pass_snat_exhausted`, 16 probes into 33,512 ports per backend), \
-         which kube-proxy then carried; **failed** = connects that failed. A fresh cluster per \
+         flows to that backend; **carried by kube-proxy** = the other open connections, whose SYN \
+         the forwarder handed to the kernel because no source port was free (16 probes into \
+         33,512 ports per backend; **SYNs passed** counts those SYNs, retransmits included, \
+         `pass_snat_exhausted`); **failed** = connects without an answer within 4 s. A fresh cluster per \
          run (closed flows hold their ports for the FIN timeout).",
     ),
 ];
