@@ -148,8 +148,6 @@ pub struct Lookup {
     /// A closed flow whose tuple a new SYN reuses: replaced on commit.
     pub stale: bool,
     pub stale_peer: CtKey,
-    /// The table the closed flow is in.
-    pub stale_table: Table,
 }
 
 /// Whether a packet arriving on `ingress_ifindex` may use `entry`: a
@@ -179,11 +177,51 @@ pub fn lookup(
         t: Translation::default(),
         stale: false,
         stale_peer: CtKey::default(),
-        stale_table: Table::HalfOpen,
     };
-    let Some((table, entry)) = find(key) else {
-        return Ok(out);
-    };
+    // One call per table, each with its table a constant: nothing after
+    // the lookup depends on which table the flow was in, so the verifier
+    // does not walk the rest of the program once per table.
+    if let Some(entry) = entry_ptr(Table::Established, key) {
+        lookup_in(
+            Table::Established,
+            entry,
+            key,
+            h,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+            &mut out,
+        )?;
+    } else if let Some(entry) = entry_ptr(Table::HalfOpen, key) {
+        lookup_in(
+            Table::HalfOpen,
+            entry,
+            key,
+            h,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+            &mut out,
+        )?;
+    }
+    Ok(out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lookup_in(
+    table: Table,
+    entry: *mut CtEntry,
+    key: &CtKey,
+    h: &Headers,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
+    out: &mut Lookup,
+) -> Result<(), Reason> {
     // SAFETY: a pointer the map just returned for this key; the entry stays
     // allocated while the program runs (RCU), and a concurrent writer can at
     // worst make us read a mix of two valid entries, which every field tolerates.
@@ -198,7 +236,7 @@ pub fn lookup(
         track(key, entry, table, h, is_reply, now);
         out.hit = true;
         out.t = Translation::from_entry(entry);
-        return Ok(out);
+        return Ok(());
     }
     if is_reply {
         return Err(Reason::PassStaleReply);
@@ -206,8 +244,7 @@ pub fn lookup(
     // A new connection reusing an old one's tuple: both entries are replaced.
     out.stale = true;
     out.stale_peer = entry.peer_key(h.proto);
-    out.stale_table = table;
-    Ok(out)
+    Ok(())
 }
 
 /// The translation of a live flow's entry at `key`, for a packet that only
@@ -220,9 +257,41 @@ pub fn peek(
     cfg: &Config,
     now: u64,
 ) -> Result<Translation, Reason> {
-    let Some((table, entry)) = find(key) else {
-        return Err(Reason::PassIcmp);
-    };
+    if let Some(entry) = entry_ptr(Table::Established, key) {
+        return peek_in(
+            Table::Established,
+            entry,
+            key,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+        );
+    }
+    match entry_ptr(Table::HalfOpen, key) {
+        Some(entry) => peek_in(
+            Table::HalfOpen,
+            entry,
+            key,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+        ),
+        None => Err(Reason::PassIcmp),
+    }
+}
+
+#[inline(always)]
+fn peek_in(
+    table: Table,
+    entry: *mut CtEntry,
+    key: &CtKey,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
+) -> Result<Translation, Reason> {
     // SAFETY: as in `lookup`; only read here.
     let entry = unsafe { &*entry };
     if !arrived_where_expected(entry, ingress_ifindex, ingress) {
@@ -251,16 +320,15 @@ pub struct NewFlow {
 }
 
 /// Creates both entries of `flow`, leaving through `route`; returns the
-/// packet's translation. A closed flow on the same tuple (`stale`, in
-/// `stale_table`) is removed first, so it is gone even if the new flow
-/// cannot be tracked, and every insert below is a plain insert-if-absent.
+/// packet's translation. A closed flow on the same tuple (`stale`) is
+/// removed first, from whichever table holds it, so it is gone even if the
+/// new flow cannot be tracked, and every insert below is a plain
+/// insert-if-absent.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn commit(
     flow: &NewFlow,
     stale: bool,
     stale_peer: &CtKey,
-    stale_table: Table,
     h: &Headers,
     route: &Route,
     cfg: &Config,
@@ -268,8 +336,10 @@ pub fn commit(
 ) -> Result<Translation, Reason> {
     let (fe, be) = (&flow.fe, &flow.be);
     if stale {
-        remove(stale_table, &flow.key);
-        remove(stale_table, stale_peer);
+        for table in [Table::Established, Table::HalfOpen] {
+            remove(table, &flow.key);
+            remove(table, stale_peer);
+        }
         stats::count(Reason::CtRecycled);
     }
     let state = CT_STATE_NEW;
@@ -357,7 +427,8 @@ fn reply_entry(
 
 /// Picks a free source port for a source-NATed flow by claiming its reply
 /// tuple; the claim is the reply entry itself, so two flows never share one.
-/// A port held by a closed or expired flow is taken over at once.
+/// When every probe is held, the first probe's port is taken over if its
+/// flow is closed, expired, or a handshake past its grace period.
 #[inline(always)]
 fn claim_snat_port(
     cfg: &Config,
@@ -374,40 +445,58 @@ fn claim_snat_port(
     }
     let mut i = 0;
     while i < SNAT_PROBES {
-        // Odd stride: successive probes walk distinct ports.
-        let offset = match hash.wrapping_add(i.wrapping_mul(7919)).checked_rem(span) {
-            Some(o) => o,
-            None => return Err(Reason::PassSnatExhausted),
-        };
-        let port_be = cfg.snat_port(offset).to_be();
-        let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
+        let rkey = snat_probe(cfg, hash, i, span, be, snat_addr, proto)?;
         if insert_new(Table::HalfOpen, &rkey, reply) {
-            // Claimed among half-open flows; an established flow may hold it.
-            let Some(old) = entry_ref(Table::Established, &rkey) else {
-                return Ok((port_be, rkey));
-            };
-            if reclaimable(old, Table::Established, proto, now, cfg) {
-                let old_peer = old.peer_key(proto);
-                remove(Table::Established, &old_peer);
-                remove(Table::Established, &rkey);
-                stats::count(Reason::CtRecycled);
-                return Ok((port_be, rkey));
+            // Claimed among half-open flows; checked after the insert, so a
+            // flow moving to the established table meanwhile is seen there.
+            if entry_ptr(Table::Established, &rkey).is_none() {
+                return Ok((rkey.dport_be, rkey));
             }
             remove(Table::HalfOpen, &rkey);
-        } else if let Some(old) = entry_ref(Table::HalfOpen, &rkey) {
-            if reclaimable(old, Table::HalfOpen, proto, now, cfg) {
-                let old_peer = old.peer_key(proto);
-                remove(Table::HalfOpen, &old_peer);
-                remove(Table::HalfOpen, &rkey);
-                if insert_new(Table::HalfOpen, &rkey, reply) {
-                    stats::count(Reason::CtRecycled);
-                    return Ok((port_be, rkey));
-                }
-            }
         }
         i += 1;
     }
+    // Every probe is held. The first probe's holder may be done with it;
+    // checked once here rather than in each probe, which keeps the loop the
+    // verifier walks sixteen times small.
+    let rkey = snat_probe(cfg, hash, 0, span, be, snat_addr, proto)?;
+    for table in [Table::Established, Table::HalfOpen] {
+        if let Some(old) = entry_ref(table, &rkey) {
+            if reclaimable(old, table, proto, now, cfg) {
+                let old_peer = old.peer_key(proto);
+                remove(table, &old_peer);
+                remove(table, &rkey);
+                if insert_new(Table::HalfOpen, &rkey, reply) {
+                    stats::count(Reason::CtRecycled);
+                    return Ok((rkey.dport_be, rkey));
+                }
+            }
+            break;
+        }
+    }
     Err(Reason::PassSnatExhausted)
+}
+
+/// The reply tuple of the `i`th source port tried for a flow with `hash`.
+#[inline(always)]
+fn snat_probe(
+    cfg: &Config,
+    hash: u32,
+    i: u32,
+    span: u32,
+    be: &Backend,
+    snat_addr: u32,
+    proto: u8,
+) -> Result<CtKey, Reason> {
+    // Odd stride: successive probes walk distinct ports.
+    let offset = hash
+        .wrapping_add(i.wrapping_mul(7919))
+        .checked_rem(span)
+        .ok_or(Reason::PassSnatExhausted)?;
+    let port_be = cfg.snat_port(offset).to_be();
+    Ok(CtKey::new(
+        be.addr_be, be.port_be, snat_addr, port_be, proto,
+    ))
 }
 
 /// How long a TCP handshake may stay half-open before its source port may

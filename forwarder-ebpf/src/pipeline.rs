@@ -8,7 +8,7 @@ use forwarder_common::{
 };
 
 use crate::{
-    conntrack::{self, NewFlow, Table, Translation},
+    conntrack::{self, NewFlow, Translation},
     fib::{self, Fib, FibQuery, Route},
     icmp::IcmpRewrite,
     kernel_ct::{self, CtOpts, Hook, SockTupleV4},
@@ -32,7 +32,6 @@ pub struct Plan {
     pub is_new: bool,
     pub stale: bool,
     pub stale_peer: CtKey,
-    pub stale_table: Table,
     pub flow: NewFlow,
     pub by_affinity: bool,
     /// An ICMP error translated with its flow.
@@ -194,7 +193,6 @@ fn choose(
     out.is_new = true;
     out.stale = lookup.stale;
     out.stale_peer = lookup.stale_peer;
-    out.stale_table = lookup.stale_table;
     out.flow = NewFlow {
         key,
         fe,
@@ -216,7 +214,6 @@ pub fn commit(p: &Plan) -> Result<Translation, Reason> {
         &p.flow,
         p.stale,
         &p.stale_peer,
-        p.stale_table,
         h,
         &p.route,
         config()?,
