@@ -23,6 +23,7 @@ pub mod map_names {
     pub const FRONTENDS: &str = "FRONTENDS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CT_HALF_OPEN: &str = "CT_HALF_OPEN";
     pub const IFACES: &str = "IFACES";
     pub const CONFIG: &str = "CONFIG";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
@@ -35,10 +36,11 @@ pub mod map_names {
     pub const FLOW_PASS_STATS: &str = "FLOW_PASS_STATS";
     pub const POLICED_PODS: &str = "POLICED_PODS";
     /// Every map the daemon pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         BACKENDS,
         CONNTRACK,
+        CT_HALF_OPEN,
         IFACES,
         CONFIG,
         SERVICE_STATS,
@@ -64,8 +66,12 @@ pub mod program_names {
 
 pub const MAX_FRONTENDS: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Default conntrack capacity; the daemon may size it differently at load.
+/// Default conntrack capacity (established flows); the daemon may size it
+/// differently at load.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default capacity of the half-open table (flows whose handshake, or first
+/// reply, is still to come): a quarter of the established one.
+pub const DEFAULT_CT_HALF_OPEN_ENTRIES: u32 = DEFAULT_CONNTRACK_ENTRIES / 4;
 pub const MAX_IFACES: u32 = 4_096;
 /// Slots in the per-service counters array; slot 0 is never handed out.
 pub const MAX_STATS_SLOTS: u32 = 65_536;
@@ -507,6 +513,12 @@ macro_rules! reasons {
                         | Reason::CtRecycled
                         | Reason::IcmpTranslated
                         | Reason::AffinityHit
+                        | Reason::CtHalfOpenInserted
+                        | Reason::CtHalfOpenDeleted
+                        | Reason::CtEstablishedInserted
+                        | Reason::CtEstablishedDeleted
+                        | Reason::CtHalfOpenEvicted
+                        | Reason::CtEstablishedEvicted
                 )
             }
 
@@ -554,6 +566,12 @@ reasons! {
     PassOtherHost = "pass_other_host": "passed: unicast to another host's MAC address (the kernel drops it)",
     PassNotUnicast = "pass_not_unicast": "passed: sent to a broadcast or multicast MAC address",
     PassIpOptions = "pass_ip_options": "passed: IPv4 options other than padding (the kernel acts on them)",
+    CtHalfOpenInserted = "ct_half_open_inserted": "entries added to the half-open conntrack table (not a verdict)",
+    CtHalfOpenDeleted = "ct_half_open_deleted": "entries the datapath removed from the half-open table (not a verdict)",
+    CtEstablishedInserted = "ct_established_inserted": "entries added to the established conntrack table (not a verdict)",
+    CtEstablishedDeleted = "ct_established_deleted": "entries the datapath removed from the established table (not a verdict)",
+    CtHalfOpenEvicted = "ct_half_open_evicted": "half-open entries lost to LRU pressure, inferred by the daemon (not a verdict)",
+    CtEstablishedEvicted = "ct_established_evicted": "established entries lost to LRU pressure, inferred by the daemon (not a verdict)",
 }
 
 #[cfg(feature = "user")]

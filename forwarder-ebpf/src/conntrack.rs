@@ -6,7 +6,24 @@
 //! client's ACK to ESTABLISHED, each state with its own timeout. A packet
 //! of a flow we do not track is never adopted mid-stream: it may be one that
 //! kube-proxy carries (started before the forwarder, or while it drained).
-use aya_ebpf::bindings::BPF_NOEXIST;
+//!
+//! Two tables, so that a full one gives up half-open flows first, as
+//! nf_conntrack's early_drop gives up flows that are not assured: a flow
+//! starts in `CT_HALF_OPEN` and moves to `CONNTRACK` once assured (TCP:
+//! ESTABLISHED; UDP: replied to and still active 2 s after it began, which
+//! is when nf_conntrack calls a UDP flow a stream). Each table is its own
+//! LRU: a flood of SYNs from forged sources (the backend answers, the client
+//! never does) recycles half-open entries only, and an idle established flow
+//! can only be pushed out by more established flows. One LRU cannot do this:
+//! the kernel evicts by recency alone, and the flood is always more recent.
+//! Both entries of a flow are always in the same table; a flow moves by
+//! being written to `CONNTRACK` before it leaves `CT_HALF_OPEN`, and every
+//! lookup tries `CONNTRACK` first, so a packet finds it throughout.
+//!
+//! Every entry added and removed is counted per table (`ct_*_inserted`,
+//! `ct_*_deleted`; inserts never overwrite): the daemon compares those with
+//! what the tables hold to infer how many entries LRU pressure took.
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use forwarder_common::{
     Backend, Config, CtEntry, CtKey, Frontend, IfaceInfo, Reason, BACKEND_F_LOCAL, CT_F_REPLY,
     CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_NEW,
@@ -15,7 +32,7 @@ use forwarder_common::{
 
 use crate::{
     fib::Route,
-    maps::{CONNTRACK, IFACES},
+    maps::{CONNTRACK, CT_HALF_OPEN, IFACES},
     parse::{Headers, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -61,6 +78,68 @@ fn generation() -> u16 {
     unsafe { core::ptr::read_volatile(&DATAPATH_GENERATION) as u16 }
 }
 
+/// Which conntrack map a flow's entries are in.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    HalfOpen,
+    Established,
+}
+
+#[inline(always)]
+fn map(table: Table) -> &'static LruHashMap<CtKey, CtEntry> {
+    match table {
+        Table::HalfOpen => &CT_HALF_OPEN,
+        Table::Established => &CONNTRACK,
+    }
+}
+
+#[inline(always)]
+fn entry_ptr(table: Table, key: &CtKey) -> Option<*mut CtEntry> {
+    map(table).get_ptr_mut(key)
+}
+
+#[inline(always)]
+fn entry_ref(table: Table, key: &CtKey) -> Option<&'static CtEntry> {
+    // SAFETY: a pointer the map just returned; the entry stays allocated
+    // while the program runs (RCU), and a concurrent writer can at worst
+    // make us read a mix of two valid entries, which every field tolerates.
+    entry_ptr(table, key).map(|e| unsafe { &*e })
+}
+
+/// Adds `e` at `key` unless an entry is there already; counted.
+#[inline(always)]
+fn insert_new(table: Table, key: &CtKey, e: &CtEntry) -> bool {
+    let added = map(table).insert(key, e, BPF_NOEXIST as u64).is_ok();
+    if added {
+        stats::count(match table {
+            Table::HalfOpen => Reason::CtHalfOpenInserted,
+            Table::Established => Reason::CtEstablishedInserted,
+        });
+    }
+    added
+}
+
+/// Removes the entry at `key`, if any; counted.
+#[inline(always)]
+fn remove(table: Table, key: &CtKey) {
+    if map(table).remove(key).is_ok() {
+        stats::count(match table {
+            Table::HalfOpen => Reason::CtHalfOpenDeleted,
+            Table::Established => Reason::CtEstablishedDeleted,
+        });
+    }
+}
+
+/// Where the flow of `key` is, established first (see the module comment).
+#[inline(always)]
+fn find(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    if let Some(e) = entry_ptr(Table::Established, key) {
+        return Some((Table::Established, e));
+    }
+    entry_ptr(Table::HalfOpen, key).map(|e| (Table::HalfOpen, e))
+}
+
 /// The outcome of looking a packet's tuple up.
 pub struct Lookup {
     /// Set when the packet belongs to a live flow: write this.
@@ -99,9 +178,50 @@ pub fn lookup(
         stale: false,
         stale_peer: CtKey::default(),
     };
-    let Some(entry) = CONNTRACK.get_ptr_mut(*key) else {
-        return Ok(out);
-    };
+    // One call per table, each with its table a constant: nothing after
+    // the lookup depends on which table the flow was in, so the verifier
+    // does not walk the rest of the program once per table.
+    if let Some(entry) = entry_ptr(Table::Established, key) {
+        lookup_in(
+            Table::Established,
+            entry,
+            key,
+            h,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+            &mut out,
+        )?;
+    } else if let Some(entry) = entry_ptr(Table::HalfOpen, key) {
+        lookup_in(
+            Table::HalfOpen,
+            entry,
+            key,
+            h,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+            &mut out,
+        )?;
+    }
+    Ok(out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lookup_in(
+    table: Table,
+    entry: *mut CtEntry,
+    key: &CtKey,
+    h: &Headers,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
+    out: &mut Lookup,
+) -> Result<(), Reason> {
     // SAFETY: a pointer the map just returned for this key; the entry stays
     // allocated while the program runs (RCU), and a concurrent writer can at
     // worst make us read a mix of two valid entries, which every field tolerates.
@@ -112,11 +232,11 @@ pub fn lookup(
     let is_reply = entry.flags & CT_F_REPLY != 0;
     let closed = entry.state == CT_STATE_FIN || entry.state == CT_STATE_CLOSED;
     let new_syn = h.proto == IPPROTO_TCP && is_syn(h) && closed;
-    if !new_syn && !expired(entry, h.proto, now, cfg) {
-        track(key, entry, h, is_reply, now);
+    if !new_syn && !expired(entry, table, h.proto, now, cfg) {
+        track(key, entry, table, h, is_reply, now);
         out.hit = true;
         out.t = Translation::from_entry(entry);
-        return Ok(out);
+        return Ok(());
     }
     if is_reply {
         return Err(Reason::PassStaleReply);
@@ -124,7 +244,7 @@ pub fn lookup(
     // A new connection reusing an old one's tuple: both entries are replaced.
     out.stale = true;
     out.stale_peer = entry.peer_key(h.proto);
-    Ok(out)
+    Ok(())
 }
 
 /// The translation of a live flow's entry at `key`, for a packet that only
@@ -137,14 +257,47 @@ pub fn peek(
     cfg: &Config,
     now: u64,
 ) -> Result<Translation, Reason> {
-    // SAFETY (get): a read-only copy of a map value of plain integers.
-    let Some(entry) = (unsafe { CONNTRACK.get(*key) }) else {
-        return Err(Reason::PassIcmp);
-    };
+    if let Some(entry) = entry_ptr(Table::Established, key) {
+        return peek_in(
+            Table::Established,
+            entry,
+            key,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+        );
+    }
+    match entry_ptr(Table::HalfOpen, key) {
+        Some(entry) => peek_in(
+            Table::HalfOpen,
+            entry,
+            key,
+            ingress_ifindex,
+            ingress,
+            cfg,
+            now,
+        ),
+        None => Err(Reason::PassIcmp),
+    }
+}
+
+#[inline(always)]
+fn peek_in(
+    table: Table,
+    entry: *mut CtEntry,
+    key: &CtKey,
+    ingress_ifindex: u32,
+    ingress: &IfaceInfo,
+    cfg: &Config,
+    now: u64,
+) -> Result<Translation, Reason> {
+    // SAFETY: as in `lookup`; only read here.
+    let entry = unsafe { &*entry };
     if !arrived_where_expected(entry, ingress_ifindex, ingress) {
         return Err(Reason::PassWrongDevice);
     }
-    if expired(entry, key.proto, now, cfg) {
+    if expired(entry, table, key.proto, now, cfg) {
         return Err(Reason::PassIcmp);
     }
     Ok(Translation::from_entry(entry))
@@ -171,13 +324,17 @@ pub struct NewFlow {
 /// kernel's connection from its second packet on.
 #[inline(always)]
 pub fn forget(key: &CtKey, peer: &CtKey) {
-    let _ = CONNTRACK.remove(*key);
-    let _ = CONNTRACK.remove(*peer);
+    for table in [Table::Established, Table::HalfOpen] {
+        remove(table, key);
+        remove(table, peer);
+    }
 }
 
 /// Creates both entries of `flow`, leaving through `route`; returns the
 /// packet's translation. A closed flow on the same tuple (`stale`) is
-/// replaced, or forgotten if the new flow cannot be tracked.
+/// removed first, from whichever table holds it, so it is gone even if the
+/// new flow cannot be tracked, and every insert below is a plain
+/// insert-if-absent.
 #[inline(always)]
 pub fn commit(
     flow: &NewFlow,
@@ -188,27 +345,14 @@ pub fn commit(
     cfg: &Config,
     now: u64,
 ) -> Result<Translation, Reason> {
+    let (fe, be) = (&flow.fe, &flow.be);
     if stale {
-        let _ = CONNTRACK.remove(*stale_peer);
+        for table in [Table::Established, Table::HalfOpen] {
+            remove(table, &flow.key);
+            remove(table, stale_peer);
+        }
         stats::count(Reason::CtRecycled);
     }
-    let created = create(flow, stale, h, route, cfg, now);
-    if created.is_err() && stale {
-        let _ = CONNTRACK.remove(flow.key);
-    }
-    created
-}
-
-#[inline(always)]
-fn create(
-    flow: &NewFlow,
-    stale: bool,
-    h: &Headers,
-    route: &Route,
-    cfg: &Config,
-    now: u64,
-) -> Result<Translation, Reason> {
-    let (fe, be) = (&flow.fe, &flow.be);
     let state = CT_STATE_NEW;
     let snat = be.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_NO_SNAT == 0;
     let (src_addr, src_port, reply_key) = if snat {
@@ -225,7 +369,11 @@ fn create(
     } else {
         let rkey = CtKey::new(be.addr_be, be.port_be, h.saddr, h.sport, h.proto);
         let reply = reply_entry(h, fe, be, now, route.ifindex, 0);
-        if CONNTRACK.insert(rkey, reply, BPF_NOEXIST as u64).is_err() {
+        if !insert_new(Table::HalfOpen, &rkey, &reply) {
+            return Err(Reason::PassCtCollision);
+        }
+        if entry_ptr(Table::Established, &rkey).is_some() {
+            remove(Table::HalfOpen, &rkey);
             return Err(Reason::PassCtCollision);
         }
         (h.saddr, h.sport, rkey)
@@ -247,13 +395,12 @@ fn create(
         ifindex: 0,
         peer_ifindex: route.ifindex,
     };
-    let flags = if stale { 0 } else { BPF_NOEXIST as u64 };
-    if CONNTRACK.insert(flow.key, forward, flags).is_err() {
+    if !insert_new(Table::HalfOpen, &flow.key, &forward) {
         // Another CPU created this flow first (or the map refused): use theirs.
-        let _ = CONNTRACK.remove(reply_key);
-        // SAFETY (get): a read-only copy of a map value of plain integers.
-        return match unsafe { CONNTRACK.get(flow.key) } {
-            Some(e) => Ok(Translation::from_entry(e)),
+        remove(Table::HalfOpen, &reply_key);
+        return match find(&flow.key) {
+            // SAFETY: as in `lookup`; only read here.
+            Some((_, e)) => Ok(Translation::from_entry(unsafe { &*e })),
             None => Err(Reason::PassCtFull),
         };
     }
@@ -291,7 +438,8 @@ fn reply_entry(
 
 /// Picks a free source port for a source-NATed flow by claiming its reply
 /// tuple; the claim is the reply entry itself, so two flows never share one.
-/// A port held by a closed or expired flow is taken over at once.
+/// When every probe is held, the first probe's port is taken over if its
+/// flow is closed, expired, or a handshake past its grace period.
 #[inline(always)]
 fn claim_snat_port(
     cfg: &Config,
@@ -308,29 +456,58 @@ fn claim_snat_port(
     }
     let mut i = 0;
     while i < SNAT_PROBES {
-        // Odd stride: successive probes walk distinct ports.
-        let offset = match hash.wrapping_add(i.wrapping_mul(7919)).checked_rem(span) {
-            Some(o) => o,
-            None => return Err(Reason::PassSnatExhausted),
-        };
-        let port_be = cfg.snat_port(offset).to_be();
-        let rkey = CtKey::new(be.addr_be, be.port_be, snat_addr, port_be, proto);
-        if CONNTRACK.insert(rkey, *reply, BPF_NOEXIST as u64).is_ok() {
-            return Ok((port_be, rkey));
-        }
-        // SAFETY (get): a read-only copy of a map value of plain integers.
-        if let Some(old) = unsafe { CONNTRACK.get(rkey) } {
-            if reclaimable(old, proto, now, cfg) {
-                let _ = CONNTRACK.remove(old.peer_key(proto));
-                if CONNTRACK.insert(rkey, *reply, 0).is_ok() {
-                    stats::count(Reason::CtRecycled);
-                    return Ok((port_be, rkey));
-                }
+        let rkey = snat_probe(cfg, hash, i, span, be, snat_addr, proto)?;
+        if insert_new(Table::HalfOpen, &rkey, reply) {
+            // Claimed among half-open flows; checked after the insert, so a
+            // flow moving to the established table meanwhile is seen there.
+            if entry_ptr(Table::Established, &rkey).is_none() {
+                return Ok((rkey.dport_be, rkey));
             }
+            remove(Table::HalfOpen, &rkey);
         }
         i += 1;
     }
+    // Every probe is held. The first probe's holder may be done with it;
+    // checked once here rather than in each probe, which keeps the loop the
+    // verifier walks sixteen times small.
+    let rkey = snat_probe(cfg, hash, 0, span, be, snat_addr, proto)?;
+    for table in [Table::Established, Table::HalfOpen] {
+        if let Some(old) = entry_ref(table, &rkey) {
+            if reclaimable(old, table, proto, now, cfg) {
+                let old_peer = old.peer_key(proto);
+                remove(table, &old_peer);
+                remove(table, &rkey);
+                if insert_new(Table::HalfOpen, &rkey, reply) {
+                    stats::count(Reason::CtRecycled);
+                    return Ok((rkey.dport_be, rkey));
+                }
+            }
+            break;
+        }
+    }
     Err(Reason::PassSnatExhausted)
+}
+
+/// The reply tuple of the `i`th source port tried for a flow with `hash`.
+#[inline(always)]
+fn snat_probe(
+    cfg: &Config,
+    hash: u32,
+    i: u32,
+    span: u32,
+    be: &Backend,
+    snat_addr: u32,
+    proto: u8,
+) -> Result<CtKey, Reason> {
+    // Odd stride: successive probes walk distinct ports.
+    let offset = hash
+        .wrapping_add(i.wrapping_mul(7919))
+        .checked_rem(span)
+        .ok_or(Reason::PassSnatExhausted)?;
+    let port_be = cfg.snat_port(offset).to_be();
+    Ok(CtKey::new(
+        be.addr_be, be.port_be, snat_addr, port_be, proto,
+    ))
 }
 
 /// How long a TCP handshake may stay half-open before its source port may
@@ -341,32 +518,44 @@ const HALF_OPEN_GRACE_NS: u64 = 3_000_000_000;
 /// A source port held by `old` may be taken over: closed, expired, or a
 /// TCP handshake that never completed within the grace period.
 #[inline(always)]
-fn reclaimable(old: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
+fn reclaimable(old: &CtEntry, table: Table, proto: u8, now: u64, cfg: &Config) -> bool {
     let half_open = proto == IPPROTO_TCP
         && (old.state == CT_STATE_NEW || old.state == CT_STATE_SYN_RECV)
         && now.saturating_sub(old.created_ns) > HALF_OPEN_GRACE_NS;
-    old.state == CT_STATE_CLOSED || half_open || expired(old, proto, now, cfg)
+    old.state == CT_STATE_CLOSED || half_open || expired(old, table, proto, now, cfg)
 }
 
-/// Idle past the timeout for its state, in both directions.
+/// Idle past the timeout for its state, in both directions (`table` holds both).
 #[inline(always)]
-fn expired(entry: &CtEntry, proto: u8, now: u64, cfg: &Config) -> bool {
+fn expired(entry: &CtEntry, table: Table, proto: u8, now: u64, cfg: &Config) -> bool {
     let timeout = cfg.timeout_ns(proto, entry.state);
     if now.saturating_sub(entry.last_seen_ns) <= timeout {
         return false;
     }
     // One-way traffic keeps a flow alive through the other direction's entry.
-    // SAFETY (get): a read-only copy of a map value of plain integers.
-    match unsafe { CONNTRACK.get(entry.peer_key(proto)) } {
+    match entry_ref(table, &entry.peer_key(proto)) {
         Some(peer) => now.saturating_sub(peer.last_seen_ns) > timeout,
         None => true,
     }
 }
 
-/// Updates state and age for a packet of an existing flow, keeping the peer
-/// entry present and in the same state.
+/// How long a replied UDP flow stays half-open: nf_conntrack assures it
+/// only once it is a stream, traffic seen 2 s after it began.
+const UDP_STREAM_NS: u64 = 2_000_000_000;
+
+/// Whether a flow in `state`, created at `created_ns`, belongs in the
+/// established table.
 #[inline(always)]
-fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64) {
+fn assured(proto: u8, state: u8, created_ns: u64, now: u64) -> bool {
+    state == CT_STATE_ESTABLISHED
+        && (proto == IPPROTO_TCP || now.saturating_sub(created_ns) > UDP_STREAM_NS)
+}
+
+/// Updates state and age for a packet of an existing flow, keeping the peer
+/// entry present and in the same state, and moving a newly assured flow to
+/// the established table.
+#[inline(always)]
+fn track(key: &CtKey, entry: &mut CtEntry, table: Table, h: &Headers, is_reply: bool, now: u64) {
     let next = next_state(entry.state, h, is_reply);
     let changed = next != entry.state;
     if !changed && now.saturating_sub(entry.last_seen_ns) < TOUCH_INTERVAL_NS {
@@ -375,12 +564,18 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
     entry.state = next;
     entry.last_seen_ns = now;
     let peer_key = entry.peer_key(h.proto);
-    match CONNTRACK.get_ptr_mut(peer_key) {
+    let promote = table == Table::HalfOpen && assured(h.proto, next, entry.created_ns, now);
+    match entry_ptr(table, &peer_key) {
         Some(peer) => {
             if changed {
                 // SAFETY: as in `lookup`: a live entry of this map; a racing
                 // writer can only store another valid state.
                 unsafe { (*peer).state = next };
+            }
+            if promote {
+                // SAFETY: as above; read only, copied by the insert.
+                let peer = unsafe { &*peer };
+                promote_flow(key, entry, &peer_key, peer);
             }
         }
         None => {
@@ -401,8 +596,27 @@ fn track(key: &CtKey, entry: &mut CtEntry, h: &Headers, is_reply: bool, now: u64
                 ifindex: entry.peer_ifindex,
                 peer_ifindex: entry.ifindex,
             };
-            let _ = CONNTRACK.insert(peer_key, peer, BPF_NOEXIST as u64);
+            if promote {
+                promote_flow(key, entry, &peer_key, &peer);
+            } else {
+                let _ = insert_new(table, &peer_key, &peer);
+            }
         }
+    }
+}
+
+/// Moves a flow from the half-open table to the established one: written
+/// there first, removed here only once both entries are there (or already
+/// were, another CPU moving it too), so no packet misses it meanwhile.
+#[inline(always)]
+fn promote_flow(key: &CtKey, entry: &CtEntry, peer_key: &CtKey, peer: &CtEntry) {
+    let forward_there =
+        insert_new(Table::Established, key, entry) || entry_ptr(Table::Established, key).is_some();
+    let peer_there = insert_new(Table::Established, peer_key, peer)
+        || entry_ptr(Table::Established, peer_key).is_some();
+    if forward_there && peer_there {
+        remove(Table::HalfOpen, key);
+        remove(Table::HalfOpen, peer_key);
     }
 }
 

@@ -6,8 +6,8 @@ use aya_ebpf::{
 use forwarder_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Config, Counters, CtEntry, CtKey,
     DaemonStatus, Frontend, FrontendKey, IfaceInfo, MemberKey, Reason, ServiceLabel,
-    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKEND_SLOTS,
-    MAX_FRONTENDS, MAX_IFACES, MAX_POLICED_PODS, MAX_STATS_SLOTS,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CT_HALF_OPEN_ENTRIES,
+    MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_IFACES, MAX_POLICED_PODS, MAX_STATS_SLOTS,
 };
 
 #[map]
@@ -16,11 +16,18 @@ pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries
 #[map]
 pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
-/// Flows in both directions. LRU so a full table recycles the oldest flow
-/// instead of refusing new ones; userspace also sweeps expired entries.
+/// Established flows (both directions; see `conntrack` for what counts).
+/// LRU so a full table recycles the oldest flow instead of refusing new
+/// ones; userspace also sweeps expired entries.
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Flows not established yet: a SYN flood fills and recycles this table
+/// only, never the established one.
+#[map]
+pub static CT_HALF_OPEN: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_HALF_OPEN_ENTRIES, 0);
 
 /// Devices we are attached to or may forward to, by ifindex.
 #[map]

@@ -55,6 +55,7 @@ pub struct RunArgs {
     pub conntrack_entries: u32,
     /// The service maps' sizes (`--max-frontends`, ...).
     pub limits: plan::Limits,
+    pub conntrack_half_open_entries: u32,
     pub conntrack_timeouts: ConntrackTimeouts,
     pub on_exit: OnExit,
     pub generation: u32,
@@ -228,6 +229,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config,
         conntrack_entries: args.conntrack_entries,
         limits: args.limits,
+        conntrack_half_open_entries: args.conntrack_half_open_entries,
         generation: args.generation,
     };
     let mut dp = Datapath::load(&opts)?;
@@ -297,20 +299,20 @@ struct State {
     skips: skips::SkipLog,
 }
 
-/// A conntrack sweep running on a blocking thread: it hands the table's
-/// handle back with its result.
+/// A conntrack sweep running on a blocking thread: it hands the sweeper
+/// (its handles and eviction tallies) back with its result.
 struct SweepTask {
     started: Instant,
-    task: tokio::task::JoinHandle<(datapath::ConntrackMap, Result<datapath::Sweep>)>,
+    task: tokio::task::JoinHandle<(datapath::Sweeper, Result<datapath::Sweep>)>,
 }
 
 impl SweepTask {
-    fn start(mut conntrack: datapath::ConntrackMap, config: Config) -> Self {
+    fn start(mut sweeper: datapath::Sweeper, config: Config) -> Self {
         SweepTask {
             started: Instant::now(),
             task: tokio::task::spawn_blocking(move || {
-                let result = datapath::sweep_conntrack(&mut conntrack, &config);
-                (conntrack, result)
+                let result = sweeper.sweep(&config);
+                (sweeper, result)
             }),
         }
     }
@@ -381,7 +383,7 @@ async fn serve(
     let mut source_alive = true;
     // The sweep walks the whole table: it runs on a blocking thread with a
     // handle of its own, so the loop (and /livez's heartbeat) never waits.
-    let mut sweep_handle: Option<datapath::ConntrackMap> = None;
+    let mut sweep_handle: Option<datapath::Sweeper> = None;
     let mut sweeping: Option<SweepTask> = None;
     loop {
         tokio::select! {
@@ -484,7 +486,7 @@ async fn serve(
             last_sweep = Instant::now();
             let handle = match sweep_handle.take() {
                 Some(handle) => Ok(handle),
-                None => dp.conntrack_handle(),
+                None => dp.sweeper(),
             };
             match handle {
                 Ok(handle) => sweeping = Some(SweepTask::start(handle, opts.config)),

@@ -127,6 +127,7 @@ pub struct Options {
     pub conntrack_entries: u32,
     /// The service maps' sizes.
     pub limits: crate::plan::Limits,
+    pub conntrack_half_open_entries: u32,
     /// Patched into the programs' read-only data (`--datapath-generation`).
     pub generation: u32,
 }
@@ -207,6 +208,12 @@ pub struct Datapath {
     pub adopted: Option<DaemonStatus>,
     pub object_hash: u64,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// LRU evictions inferred at each sweep, per table.
+    /// Entries `purge_stale_flows` removed, per table (half-open,
+    /// established): the sweeper's eviction inference subtracts them.
+    purged: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// Made at load, handed to the daemon's sweep thread.
+    sweeper: Option<Sweeper>,
 }
 
 // nix's constant has the C library's f_type width (i64 on glibc, u64 on musl).
@@ -376,7 +383,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
             size_of::<BackendKey>() as u32,
             size_of::<Backend>() as u32,
         ),
-        map_names::CONNTRACK => (
+        map_names::CONNTRACK | map_names::CT_HALF_OPEN => (
             MapType::LruHash,
             size_of::<CtKey>() as u32,
             size_of::<CtEntry>() as u32,
@@ -513,6 +520,7 @@ impl Datapath {
         for (name, size) in service_map_sizes(&opts.limits) {
             loader.map_max_entries(name, size);
         }
+        loader.map_max_entries(map_names::CT_HALF_OPEN, opts.conntrack_half_open_entries);
         loader.override_global(GENERATION_GLOBAL, &opts.generation, true);
         // eBPF-side log lines only when debug logging is on (and they are
         // rate-limited in the programs); otherwise the check costs a load.
@@ -545,15 +553,19 @@ impl Datapath {
                 None
             }
         };
-        let ct_size = MapData::from_pin(pin_path(&opts.pin_dir, map_names::CONNTRACK))
-            .and_then(|m| m.info())
-            .map(|i| i.max_entries())
-            .unwrap_or(0);
-        if ct_size != opts.conntrack_entries {
-            warn!(
-                "the pinned conntrack table holds {ct_size} entries, not the {} asked for: keeping it (and its flows); `forwarder uninstall` to resize",
-                opts.conntrack_entries
-            );
+        for (name, asked) in [
+            (map_names::CONNTRACK, opts.conntrack_entries),
+            (map_names::CT_HALF_OPEN, opts.conntrack_half_open_entries),
+        ] {
+            let size = MapData::from_pin(pin_path(&opts.pin_dir, name))
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .unwrap_or(0);
+            if size != asked {
+                warn!(
+                    "the pinned conntrack table {name} holds {size} entries, not the {asked} asked for: keeping it (and its flows); `forwarder uninstall` to resize"
+                );
+            }
         }
         maps.config
             .set(0, opts.config, 0)
@@ -584,7 +596,7 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
         tc.load().context("loading the tc program (verifier)")?;
 
-        Ok(Datapath {
+        let mut dp = Datapath {
             ebpf,
             maps,
             pin_dir: opts.pin_dir.clone(),
@@ -594,7 +606,16 @@ impl Datapath {
             adopted: previous,
             object_hash,
             logger,
-        })
+            purged: Default::default(),
+            sweeper: None,
+        };
+        // The eviction counts start from here, not from the first sweep.
+        let mut sweeper = dp.new_sweeper()?;
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            sweeper.walk_counting_evictions(table)?;
+        }
+        dp.sweeper = Some(sweeper);
+        Ok(dp)
     }
 
     /// Attaches (or, after a restart, atomically replaces the programs of)
@@ -923,15 +944,24 @@ impl Datapath {
         Ok(self.pod_devices.values().map(|(n, _)| n.clone()).collect())
     }
 
-    /// Sweeps the conntrack table now, on this thread (see [`sweep_conntrack`]).
-    pub fn sweep_conntrack(&mut self, config: &Config) -> Result<Sweep> {
-        sweep_conntrack(&mut self.maps.conntrack, config)
+    /// What a sweep on another thread needs: the one made at load (its
+    /// eviction counts start there), or, after the last one was lost with
+    /// a failed task, a new one.
+    pub fn sweeper(&mut self) -> Result<Sweeper> {
+        match self.sweeper.take() {
+            Some(s) => Ok(s),
+            None => self.new_sweeper(),
+        }
     }
 
-    /// A handle of its own on the conntrack table, for a sweep on another
-    /// thread while the daemon loop keeps this one.
-    pub fn conntrack_handle(&self) -> Result<ConntrackMap> {
-        open_pinned_as(&self.pin_dir, map_names::CONNTRACK)
+    fn new_sweeper(&self) -> Result<Sweeper> {
+        Ok(Sweeper {
+            maps: Maps::open_pinned(&self.pin_dir)?,
+            evicted_half_open: EvictionTally::default(),
+            evicted_established: EvictionTally::default(),
+            removed_by_sweeps: [0; 2],
+            purged: self.purged.clone(),
+        })
     }
 
     /// Deletes UDP flows whose backend left their frontend's backend list,
@@ -939,20 +969,35 @@ impl Datapath {
     /// (kube-proxy flushes those). TCP flows keep their backend until they
     /// end, as under kube-proxy: that is what lets a terminating pod drain.
     pub fn purge_stale_flows(&mut self, desired: &Desired) -> Result<usize> {
-        let entries = self.conntrack_snapshot();
-        let stale = stale_flows(&entries, desired);
-        for k in &stale {
-            let _ = self.maps.conntrack.remove(k);
+        let mut purged = 0;
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            let entries = conntrack_entries_of(self.maps.ct_table(table));
+            let stale = stale_flows(&entries, desired);
+            let map = self.maps.ct_table_mut(table);
+            let mut removed = 0;
+            for k in &stale {
+                if map.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+            self.purged[table.index()].fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
+            purged += stale.len();
         }
-        Ok(stale.len())
+        Ok(purged)
     }
 
+    /// Both tables' entries (a flow's two are always in the same one).
     fn conntrack_snapshot(&self) -> BTreeMap<CtKey, CtEntry> {
-        conntrack_entries_of(&self.maps.conntrack)
+        let mut entries = conntrack_entries_of(&self.maps.ct_half_open);
+        entries.append(&mut conntrack_entries_of(&self.maps.conntrack));
+        entries
     }
 
     pub fn conntrack_entries(&self) -> usize {
-        self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+        [&self.maps.ct_half_open, &self.maps.conntrack]
+            .iter()
+            .map(|m| m.keys().filter(|k| k.is_ok()).count())
+            .sum()
     }
 
     /// Backends without source NAT (local pods) that conntrack entries
@@ -997,32 +1042,86 @@ impl Datapath {
 /// The conntrack table as user space holds it.
 pub type ConntrackMap = HashMap<MapData, CtKey, CtEntry>;
 
-/// Deletes conntrack entries idle past their timeout (both directions),
-/// freeing their source ports, and reports what the remaining flows need.
-/// A full table takes a while (two syscalls per entry): the daemon runs
-/// this on a thread of its own.
-pub fn sweep_conntrack(conntrack: &mut ConntrackMap, config: &Config) -> Result<Sweep> {
-    let now = monotonic_ns()?;
-    let walk = conntrack_walk(conntrack);
-    let mut entries = walk.entries;
-    let expired = expired_flows(&entries, config, now);
-    for k in &expired {
-        let _ = conntrack.remove(k);
-        entries.remove(k);
-    }
-    Ok(Sweep {
-        removed: expired.len(),
-        local_backends: local_backends_with_flows(&entries),
-        walked: entries.len() + expired.len(),
-        walk_cut: walk.cut,
-    })
+/// The conntrack sweep, run on a thread of its own (a full table takes a
+/// while: two syscalls per entry) with its own handles on the pinned maps.
+/// It also infers LRU evictions: what each table holds against the
+/// datapath's insert and delete counters (see [`EvictionTally`]), stored as
+/// the `ct_*_evicted` counts.
+pub struct Sweeper {
+    maps: Maps,
+    evicted_half_open: EvictionTally,
+    evicted_established: EvictionTally,
+    /// Entries the sweeps removed, per table (half-open, established).
+    removed_by_sweeps: [u64; 2],
+    /// Entries the daemon loop's purges removed (shared with the datapath).
+    purged: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
-/// What [`sweep_conntrack`] did and found.
+impl Sweeper {
+    /// Deletes entries idle past their timeout (both directions), freeing
+    /// their source ports, and reports what the remaining flows need.
+    pub fn sweep(&mut self, config: &Config) -> Result<Sweep> {
+        let now = monotonic_ns()?;
+        let mut sweep = Sweep::default();
+        let mut remaining = BTreeMap::new();
+        for table in [CtTable::HalfOpen, CtTable::Established] {
+            let (walk, evicted) = self.walk_counting_evictions(table)?;
+            let mut entries = walk.entries;
+            sweep.walk_cut |= walk.cut;
+            sweep.walked += entries.len();
+            let expired = expired_flows(&entries, config, now);
+            let map = self.maps.ct_table_mut(table);
+            for k in &expired {
+                if map.remove(k).is_ok() {
+                    self.removed_by_sweeps[table.index()] += 1;
+                }
+                entries.remove(k);
+            }
+            sweep.removed += expired.len();
+            match table {
+                CtTable::HalfOpen => sweep.evicted_half_open = evicted,
+                CtTable::Established => sweep.evicted_established = evicted,
+            }
+            remaining.append(&mut entries);
+        }
+        sweep.local_backends = local_backends_with_flows(&remaining);
+        Ok(sweep)
+    }
+
+    /// A bounded walk of `table`, and the evictions inferred from it (stored).
+    fn walk_counting_evictions(&mut self, table: CtTable) -> Result<(Walk<CtKey, CtEntry>, u64)> {
+        let before = self.maps.reason_totals()?;
+        let walk = conntrack_walk(self.maps.ct_table(table));
+        let after = self.maps.reason_totals()?;
+        // The walk is not atomic: the counters midway through it match best.
+        let [inserted, deleted] =
+            [table.inserted(), table.deleted()].map(|r| (before[r.name()] + after[r.name()]) / 2);
+        let i = table.index();
+        let removed =
+            self.removed_by_sweeps[i] + self.purged[i].load(std::sync::atomic::Ordering::Relaxed);
+        let tally = match table {
+            CtTable::HalfOpen => &mut self.evicted_half_open,
+            CtTable::Established => &mut self.evicted_established,
+        };
+        tally.removed_by_daemon = removed;
+        let stored = before[table.evicted().name()];
+        let evicted = tally.update(inserted, deleted, walk.entries.len() as u64, stored);
+        if evicted != stored {
+            self.maps.set_reason_total(table.evicted(), evicted)?;
+        }
+        Ok((walk, evicted))
+    }
+}
+
+/// What [`Sweeper::sweep`] did and found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Entries removed (a flow has two).
     pub removed: usize,
+    /// Entries lost to LRU pressure so far, per table (inferred; see
+    /// [`EvictionTally`]).
+    pub evicted_half_open: u64,
+    pub evicted_established: u64,
     /// See [`local_backends_with_flows`].
     pub local_backends: BTreeSet<Ipv4Addr>,
     /// Distinct entries the walk saw.
@@ -1030,6 +1129,77 @@ pub struct Sweep {
     /// The walk hit its step bound (see [`bounded_walk`]): entries churned
     /// under it, and some may not have been seen this time.
     pub walk_cut: bool,
+}
+
+/// The two conntrack tables (see forwarder-ebpf's `conntrack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtTable {
+    HalfOpen,
+    Established,
+}
+
+impl CtTable {
+    /// Its index in per-table arrays (half-open, established).
+    const fn index(self) -> usize {
+        match self {
+            CtTable::HalfOpen => 0,
+            CtTable::Established => 1,
+        }
+    }
+
+    const fn inserted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenInserted,
+            CtTable::Established => Reason::CtEstablishedInserted,
+        }
+    }
+
+    const fn deleted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenDeleted,
+            CtTable::Established => Reason::CtEstablishedDeleted,
+        }
+    }
+
+    const fn evicted(self) -> Reason {
+        match self {
+            CtTable::HalfOpen => Reason::CtHalfOpenEvicted,
+            CtTable::Established => Reason::CtEstablishedEvicted,
+        }
+    }
+}
+
+/// Infers one table's LRU evictions, which the kernel does silently: every
+/// entry the datapath added (inserts never overwrite, so each counts one)
+/// is either still there, removed by the datapath or the daemon (each
+/// removal counted), or evicted. So `inserted - deleted - removed by the
+/// daemon - live` grows by exactly the evictions, `live` being what a walk
+/// finds. Inexact in two ways, both small against a flood: the walk of a
+/// changing table is not a snapshot (entries added or removed meanwhile
+/// blur `live`), and removals by anyone else (another process deleting
+/// entries) count as evictions. Counted from this daemon's first sweep on
+/// top of what the pinned counter held then (earlier daemons' counts); the
+/// stored count is the highest estimate so far, so it never goes down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvictionTally {
+    /// From the first sweep: the balance then, and the stored count then.
+    baseline: Option<(i64, u64)>,
+    /// Entries this daemon removed (sweeps, purges).
+    pub removed_by_daemon: u64,
+    highest: u64,
+}
+
+impl EvictionTally {
+    /// The datapath's counters and the walk's count at one sweep, and the
+    /// count stored now; returns the count to store.
+    pub fn update(&mut self, inserted: u64, deleted: u64, live: u64, stored: u64) -> u64 {
+        let balance =
+            inserted as i64 - deleted as i64 - self.removed_by_daemon as i64 - live as i64;
+        let (first_balance, first_stored) = *self.baseline.get_or_insert((balance, stored));
+        let since_start = u64::try_from(balance - first_balance).unwrap_or(0);
+        self.highest = self.highest.max(since_start);
+        first_stored + self.highest
+    }
 }
 
 /// How a drain ended.
@@ -1074,7 +1244,8 @@ pub trait DrainTarget {
 /// The pinned maps of an installed datapath.
 struct PinnedDatapath {
     config: Array<MapData, Config>,
-    conntrack: ConntrackMap,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_half_open: HashMap<MapData, CtKey, CtEntry>,
 }
 
 impl DrainTarget for PinnedDatapath {
@@ -1091,7 +1262,9 @@ impl DrainTarget for PinnedDatapath {
     }
 
     fn flows(&self) -> BTreeMap<CtKey, CtEntry> {
-        conntrack_entries_of(&self.conntrack)
+        let mut flows = conntrack_entries_of(&self.ct_half_open);
+        flows.append(&mut conntrack_entries_of(&self.conntrack));
+        flows
     }
 
     fn now_ns(&self) -> Result<u64> {
@@ -1109,6 +1282,7 @@ pub fn drain(pin_dir: &Path, timeout: Duration) -> Result<DrainOutcome> {
         Ok(PinnedDatapath {
             config,
             conntrack: open_pinned_as(pin_dir, map_names::CONNTRACK)?,
+            ct_half_open: open_pinned_as(pin_dir, map_names::CT_HALF_OPEN)?,
         })
     });
     match opened {
@@ -1687,6 +1861,24 @@ mod tests {
 
     use super::*;
     use crate::model::{DesiredBackend, DesiredFrontend};
+
+    #[test]
+    fn evictions_are_what_was_added_and_neither_removed_nor_found() {
+        let mut t = EvictionTally::default();
+        // First sweep: a pinned table with history; an earlier daemon had
+        // stored 7 evictions. Nothing is inferred about the past.
+        assert_eq!(t.update(1000, 400, 500, 7), 7);
+        // 300 added, 50 removed by the datapath, 20 by our sweep, 30 more
+        // found: 200 evicted.
+        t.removed_by_daemon += 20;
+        assert_eq!(t.update(1300, 450, 530, 7), 207);
+        // A walk that caught entries mid-change (the estimate dips) never
+        // makes the count go down.
+        assert_eq!(t.update(1300, 450, 560, 207), 207);
+        // Nothing lost: the count stays.
+        assert_eq!(t.update(1400, 550, 530, 207), 207);
+        assert_eq!(t.update(1500, 550, 530, 207), 307);
+    }
 
     fn pair(last_fwd: u64, last_rev: u64, proto: u8, state: u8) -> BTreeMap<CtKey, CtEntry> {
         let fwd_key = CtKey::new(1, 100, 2, 200, proto);

@@ -134,7 +134,7 @@ pub struct FlowRow {
 pub fn conntrack(maps: &Maps) -> Result<Vec<FlowRow>> {
     let now = datapath::monotonic_ns()?;
     let mut rows = Vec::new();
-    for item in maps.conntrack.iter() {
+    for item in maps.ct_half_open.iter().chain(maps.conntrack.iter()) {
         let Ok((k, e)) = item else { continue };
         if e.flags & CT_F_REPLY != 0 {
             continue;
@@ -259,6 +259,11 @@ pub fn map_fill(maps: &Maps, pin_dir: &Path) -> Result<Vec<MapFill>> {
             name: map_names::CONNTRACK,
             entries: maps.conntrack.keys().count(),
             capacity: capacity(map_names::CONNTRACK),
+        },
+        MapFill {
+            name: map_names::CT_HALF_OPEN,
+            entries: maps.ct_half_open.keys().count(),
+            capacity: capacity(map_names::CT_HALF_OPEN),
         },
         MapFill {
             name: map_names::IFACES,

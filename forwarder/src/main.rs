@@ -74,7 +74,8 @@ enum Command {
         /// the NodePort range, in at most two ranges).
         #[arg(long, value_parser = parse_port_range)]
         snat_port_range: Option<(u16, u16)>,
-        /// Capacity of the conntrack table (entries; a flow takes two).
+        /// Capacity of the conntrack table of established flows (entries; a
+        /// flow takes two).
         #[arg(long, default_value_t = forwarder_common::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
         /// Capacity of the frontends map: node address (or LoadBalancer IP, externalIP)
@@ -87,6 +88,10 @@ enum Command {
         /// Distinct service ports (each has its counters).
         #[arg(long, default_value_t = forwarder_common::MAX_STATS_SLOTS)]
         max_service_ports: u32,
+        /// Capacity of the table of flows not established yet (entries; a flow
+        /// takes two): a SYN flood recycles these and never established ones.
+        #[arg(long, default_value_t = forwarder_common::DEFAULT_CT_HALF_OPEN_ENTRIES)]
+        conntrack_half_open_entries: u32,
         #[command(flatten)]
         conntrack_timeouts: ConntrackTimeouts,
         /// On SIGTERM/SIGINT drain (see --drain-timeout), then detach everything
@@ -273,6 +278,7 @@ fn real_main(cli: Cli) -> Result<()> {
             max_frontends,
             max_backends,
             max_service_ports,
+            conntrack_half_open_entries,
             conntrack_timeouts,
             cleanup_on_exit,
             drain_timeout,
@@ -293,6 +299,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 if value < 2 {
                     return Err(anyhow!("{flag} must be at least 2"));
                 }
+            }
+            if conntrack_half_open_entries < 2 {
+                return Err(anyhow!("--conntrack-half-open-entries must be at least 2"));
             }
             // Two workers: health and metrics keep answering while the
             // daemon's own loop reprograms a large table (the conntrack
@@ -324,6 +333,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     backends: max_backends,
                     service_ports: max_service_ports,
                 },
+                conntrack_half_open_entries,
                 conntrack_timeouts,
                 generation: datapath_generation,
                 health_addr,

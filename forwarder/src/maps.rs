@@ -17,7 +17,10 @@ use crate::plan::{Op, Snapshot};
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
+    /// Established flows.
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Flows not established yet.
+    pub ct_half_open: HashMap<MapData, CtKey, CtEntry>,
     pub ifaces: HashMap<MapData, u32, IfaceInfo>,
     pub config: Array<MapData, Config>,
     pub service_stats: PerCpuArray<MapData, Counters>,
@@ -46,6 +49,7 @@ impl Maps {
             frontends: typed(take(map_names::FRONTENDS)?, map_names::FRONTENDS)?,
             backends: typed(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
             conntrack: typed(take(map_names::CONNTRACK)?, map_names::CONNTRACK)?,
+            ct_half_open: typed(take(map_names::CT_HALF_OPEN)?, map_names::CT_HALF_OPEN)?,
             ifaces: typed(take(map_names::IFACES)?, map_names::IFACES)?,
             config: typed(take(map_names::CONFIG)?, map_names::CONFIG)?,
             service_stats: typed(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
@@ -83,6 +87,7 @@ impl Maps {
             frontends: typed(open(map_names::FRONTENDS)?, map_names::FRONTENDS)?,
             backends: typed(open(map_names::BACKENDS)?, map_names::BACKENDS)?,
             conntrack: typed(open(map_names::CONNTRACK)?, map_names::CONNTRACK)?,
+            ct_half_open: typed(open(map_names::CT_HALF_OPEN)?, map_names::CT_HALF_OPEN)?,
             ifaces: typed(open(map_names::IFACES)?, map_names::IFACES)?,
             config: typed(open(map_names::CONFIG)?, map_names::CONFIG)?,
             service_stats: typed(open(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
@@ -216,6 +221,37 @@ impl Maps {
     /// Reason counters summed over CPUs.
     pub fn reason_totals(&self) -> Result<BTreeMap<&'static str, u64>> {
         totals_by_reason(&self.reason_stats)
+    }
+
+    /// One of the two conntrack tables.
+    pub fn ct_table(&self, table: crate::datapath::CtTable) -> &HashMap<MapData, CtKey, CtEntry> {
+        match table {
+            crate::datapath::CtTable::HalfOpen => &self.ct_half_open,
+            crate::datapath::CtTable::Established => &self.conntrack,
+        }
+    }
+
+    pub fn ct_table_mut(
+        &mut self,
+        table: crate::datapath::CtTable,
+    ) -> &mut HashMap<MapData, CtKey, CtEntry> {
+        match table {
+            crate::datapath::CtTable::HalfOpen => &mut self.ct_half_open,
+            crate::datapath::CtTable::Established => &mut self.conntrack,
+        }
+    }
+
+    /// Stores `total` as the count of `reason` (on the first CPU's slot, the
+    /// others zero): for the counts the daemon keeps, which the datapath
+    /// never touches.
+    pub fn set_reason_total(&mut self, reason: Reason, total: u64) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let mut values = vec![0u64; cpus];
+        values[0] = total;
+        let values = PerCpuValues::try_from(values).context("per-CPU values")?;
+        self.reason_stats
+            .set(reason as u32, values, 0)
+            .with_context(|| format!("writing the {} count", reason.name()))
     }
 
     /// Packets of tracked flows handed to the kernel, by reason, summed over

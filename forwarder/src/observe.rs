@@ -300,6 +300,24 @@ impl Collector for DatapathCollector {
                 rows,
             )?;
         }
+        if let Ok(reasons) = maps.reason_totals() {
+            family(
+                &mut encoder,
+                "forwarder_conntrack_evictions",
+                "Conntrack entries lost to LRU pressure, by table (inferred at each sweep from the datapath's insert and delete counts and the entries found; half_open: handshakes not completed, established: live flows)",
+                MetricType::Counter,
+                [
+                    ("half_open", Reason::CtHalfOpenEvicted),
+                    ("established", Reason::CtEstablishedEvicted),
+                ]
+                .map(|(table, r)| {
+                    (
+                        vec![("table", table.to_string())],
+                        ConstCounter::new(reasons.get(r.name()).copied().unwrap_or(0)),
+                    )
+                }),
+            )?;
+        }
         if let Ok(passes) = maps.flow_pass_totals() {
             family(
                 &mut encoder,
@@ -339,15 +357,18 @@ impl Collector for DatapathCollector {
                     )
                 }),
             )?;
-            if let Some(ct) = fill.iter().find(|m| m.name == map_names::CONNTRACK) {
-                family(
-                    &mut encoder,
-                    "forwarder_conntrack_entries",
-                    "Conntrack entries (a flow has two)",
-                    MetricType::Gauge,
-                    [(vec![], ConstGauge::new(ct.entries as i64))],
-                )?;
-            }
+            let ct_entries: usize = fill
+                .iter()
+                .filter(|m| matches!(m.name, map_names::CONNTRACK | map_names::CT_HALF_OPEN))
+                .map(|m| m.entries)
+                .sum();
+            family(
+                &mut encoder,
+                "forwarder_conntrack_entries",
+                "Conntrack entries, both tables (a flow has two)",
+                MetricType::Gauge,
+                [(vec![], ConstGauge::new(ct_entries as i64))],
+            )?;
         }
         if let Ok(ifaces) = inspect::interfaces(&maps, &self.pin_dir) {
             family(

@@ -42,7 +42,10 @@ pub fn collect(maps: &Maps) -> Result<Stats> {
         reasons: maps.reason_totals()?,
         flow_packets_to_kernel: maps.flow_pass_totals()?,
         services,
-        conntrack_entries: maps.conntrack.keys().filter(|k| k.is_ok()).count(),
+        conntrack_entries: [&maps.conntrack, &maps.ct_half_open]
+            .iter()
+            .map(|m| m.keys().filter(|k| k.is_ok()).count())
+            .sum(),
     })
 }
 

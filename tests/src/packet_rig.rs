@@ -15,7 +15,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use aya::{
     programs::{SchedClassifier, Xdp, XdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use etherparse::{Icmpv4Type, PacketBuilder, PacketHeaders, TransportHeader};
 use forwarder::{
@@ -23,11 +23,14 @@ use forwarder::{
     model::{Desired, DesiredBackend, DesiredFrontend, FrontendAddr, Protocol},
     plan,
 };
-use forwarder_common::{program_names, Config, CtKey, Reason};
+use forwarder_common::{map_names, program_names, Config, CtEntry, CtKey, Reason};
 
 use crate::netns::{self, Netns};
 
 pub const XDP_ABORTED: u32 = 0;
+
+/// The rig's half-open table, small so a table-sized flood is quick.
+pub const HALF_OPEN_ENTRIES: u32 = 256;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -163,7 +166,9 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
 impl Rig {
     /// Must run inside the namespace (fib lookups use the caller's).
     pub fn new(ns: Netns) -> Result<Rig> {
-        let mut ebpf = Ebpf::load(&forwarder::kfuncs::prepared_object()?.0)
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CT_HALF_OPEN, HALF_OPEN_ENTRIES)
+            .load(&forwarder::kfuncs::prepared_object()?.0)
             .context("loading the eBPF object")?;
         let mut maps = Maps::take(&mut ebpf)?;
         let (eth0, cali) = netns::configure_test_run_node(&mut maps)?;
@@ -283,21 +288,35 @@ impl Rig {
     }
 
     pub fn has_flow(&self, key: CtKey) -> bool {
-        self.maps.conntrack.get(&key, 0).is_ok()
+        self.entry(key).is_some()
     }
 
-    /// Every conntrack key.
+    /// A flow's entry at `key` and whether it is in the established table.
+    pub fn entry(&self, key: CtKey) -> Option<(CtEntry, bool)> {
+        if let Ok(e) = self.maps.conntrack.get(&key, 0) {
+            return Some((e, true));
+        }
+        self.maps.ct_half_open.get(&key, 0).ok().map(|e| (e, false))
+    }
+
+    /// Every conntrack key, in both tables.
     pub fn flows(&self) -> Result<Vec<CtKey>> {
-        self.maps
+        let mut keys: Vec<CtKey> = self
+            .maps
             .conntrack
             .keys()
             .collect::<Result<_, _>>()
-            .context("listing conntrack")
+            .context("listing conntrack")?;
+        for k in self.maps.ct_half_open.keys() {
+            keys.push(k.context("listing the half-open table")?);
+        }
+        Ok(keys)
     }
 
     pub fn clear_flows(&mut self) -> Result<()> {
         for k in self.flows()? {
             let _ = self.maps.conntrack.remove(&k);
+            let _ = self.maps.ct_half_open.remove(&k);
         }
         Ok(())
     }

@@ -22,9 +22,9 @@ use forwarder_common::{program_names, Config, CtKey, Reason};
 use integration_tests::{
     packet_rig::{
         self, backend, ct_key, frontend, icmp_error, src_port, tcp_flags_frame, tcp_frame,
-        udp_frame, Rig, CALI_MAC, CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE, NODE2_MAC,
-        NP_LOCAL_POLICY_EMPTY, NP_LOCAL_TCP, NP_LOCAL_UDP, NP_REMOTE_TCP, NP_REMOTE_UDP, POD_MAC,
-        REMOTE_POD, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
+        udp_frame, Rig, CALI_MAC, CLIENT, CLIENT_MAC, ETH0_MAC, HALF_OPEN_ENTRIES, LOCAL_POD, NODE,
+        NODE2_MAC, NP_LOCAL_POLICY_EMPTY, NP_LOCAL_TCP, NP_LOCAL_UDP, NP_REMOTE_TCP, NP_REMOTE_UDP,
+        POD_MAC, REMOTE_POD, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
     },
     skip_unless_netns_capable,
 };
@@ -575,7 +575,7 @@ fn idle_and_closed_flows_expire_and_their_tuple_starts_a_new_flow() {
 // ---- flow states, devices, ICMP ----------------------------------------
 
 fn entry_state(rig: &Rig, key: CtKey) -> Result<u8> {
-    Ok(rig.maps.conntrack.get(&key, 0).context("no entry")?.state)
+    Ok(rig.entry(key).context("no entry")?.0.state)
 }
 
 #[test]
@@ -614,6 +614,125 @@ fn only_a_clients_syn_starts_a_flow_and_the_handshake_establishes_it() {
         ensure!(v == XDP_TX);
         ensure!(entry_state(rig, key)? == forwarder_common::CT_STATE_ESTABLISHED);
         ensure!(entry_state(rig, reply_key)? == forwarder_common::CT_STATE_ESTABLISHED);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_syn_flood_recycles_half_open_flows_and_never_an_established_one() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_TCP);
+        // An established flow, idle while the flood runs.
+        let client = (CLIENT, 40200);
+        let key = ct_key(client, front, 6);
+        let (v, out) = rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["syn"], &[]))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let reply_key = ct_key((REMOTE_POD, 80), (NODE, port), 6);
+        ensure!(
+            !rig.entry(key).context("no entry")?.1,
+            "a SYN starts half-open"
+        );
+        let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, port), &["syn", "ack"], &[]);
+        ensure!(rig.xdp(rig.eth0, &synack)?.0 == XDP_TX);
+        ensure!(
+            !rig.entry(key).context("no entry")?.1,
+            "SYN_RECV is half-open"
+        );
+        ensure!(
+            rig.xdp(rig.eth0, &tcp_flags_frame(client, front, &["ack"], &[]))?
+                .0
+                == XDP_TX
+        );
+        for k in [key, reply_key] {
+            ensure!(
+                rig.entry(k).context("flow lost")?.1,
+                "the handshake's ACK did not move {k:?} to the established table"
+            );
+            ensure!(
+                rig.maps.ct_half_open.get(&k, 0).is_err(),
+                "{k:?} left behind"
+            );
+        }
+
+        // Eight tables' worth of SYNs from new clients, each answered by the
+        // backend as a real one would: each starts a flow (XDP_TX), none
+        // completes.
+        let inserted = rig.count(Reason::CtHalfOpenInserted)?;
+        let deleted = rig.count(Reason::CtHalfOpenDeleted)?;
+        let flood = 8 * HALF_OPEN_ENTRIES;
+        for i in 0..flood {
+            let forged = (CLIENT, 1024 + i as u16);
+            let (v, out) = rig.xdp(rig.eth0, &tcp_flags_frame(forged, front, &["syn"], &[]))?;
+            ensure!(v == XDP_TX, "flood SYN {i}: verdict {v}");
+            let p = src_port(&out)?;
+            let synack = tcp_flags_frame((REMOTE_POD, 80), (NODE, p), &["syn", "ack"], &[]);
+            ensure!(rig.xdp(rig.eth0, &synack)?.0 == XDP_TX, "flood SYN-ACK {i}");
+        }
+        let live = rig.maps.ct_half_open.keys().count() as u64;
+        ensure!(live <= HALF_OPEN_ENTRIES as u64, "{live} half-open entries");
+        let added = rig.count(Reason::CtHalfOpenInserted)? - inserted;
+        let removed = rig.count(Reason::CtHalfOpenDeleted)? - deleted;
+        ensure!(added >= 2 * flood as u64, "{added} half-open entries added");
+        // What was added and is neither there nor removed was evicted.
+        ensure!(
+            added - removed - live >= flood as u64,
+            "only {} half-open entries evicted",
+            added - removed - live
+        );
+        ensure!(rig.count(Reason::CtEstablishedDeleted)? == 0);
+
+        // The idle flow is still there and still translated, both ways.
+        ensure!(rig.entry(key).is_some_and(|(_, est)| est) && rig.entry(reply_key).is_some());
+        let (v, out) = rig.xdp(rig.eth0, &tcp_frame(client, front, 64, false, b"after"))?;
+        ensure!(v == XDP_TX, "the established flow's data: verdict {v}");
+        ensure!(
+            src_port(&out)? == port,
+            "the established flow changed its port"
+        );
+        let reply = tcp_frame((REMOTE_POD, 80), (NODE, port), 64, false, b"reply");
+        ensure!(rig.xdp(rig.eth0, &reply)?.0 == XDP_TX, "its reply");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_udp_flow_is_established_once_replied_and_still_active_two_seconds_on() {
+    skip_unless_netns_capable!();
+    with_rig(|rig| {
+        let front = (NODE, NP_REMOTE_UDP);
+        let client = (CLIENT, 40300);
+        let key = ct_key(client, front, 17);
+        let (v, out) = rig.xdp(rig.eth0, &udp_frame(client, front, 64, b"q"))?;
+        ensure!(v == XDP_TX);
+        let port = src_port(&out)?;
+        let reply = udp_frame((REMOTE_POD, 53), (NODE, port), 64, b"a");
+        ensure!(rig.xdp(rig.eth0, &reply)?.0 == XDP_TX);
+        ensure!(
+            entry_state(rig, key)? == forwarder_common::CT_STATE_ESTABLISHED,
+            "replied"
+        );
+        ensure!(
+            !rig.entry(key).context("no entry")?.1,
+            "established before it is a stream"
+        );
+        // nf_conntrack's stream: still talking more than 2 s after it began.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        ensure!(rig.xdp(rig.eth0, &udp_frame(client, front, 64, b"q2"))?.0 == XDP_TX);
+        let reply_key = ct_key((REMOTE_POD, 53), (NODE, port), 17);
+        for k in [key, reply_key] {
+            ensure!(
+                rig.entry(k).context("flow lost")?.1,
+                "{k:?} not established"
+            );
+        }
+        ensure!(
+            rig.xdp(rig.eth0, &reply)?.0 == XDP_TX,
+            "a reply after the move"
+        );
         Ok(())
     })
     .unwrap();

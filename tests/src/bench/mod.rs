@@ -11,6 +11,8 @@
 //! 5. [`control`]: time to program N Services, one update, daemon memory.
 //! 7. [`bulk`]: bulk TCP throughput through the nodePort, several flows, on
 //!    the integration tests' wire-like cluster (F, K, C0).
+//! 8. [`flows`]: 30,000 concurrent TCP connections through one node to one
+//!    remote backend: how many the forwarder carried, how many fell back.
 //!
 //! Every number in the report comes from the run that wrote it: samples are
 //! collected per run, summarised as median and min–max, ratios are taken
@@ -19,6 +21,7 @@
 pub mod bpf;
 pub mod bulk;
 pub mod control;
+pub mod flows;
 pub mod frames;
 pub mod path;
 pub mod progcost;
@@ -44,7 +47,7 @@ pub struct Options {
     pub out: PathBuf,
     /// Repetitions of each measurement (median and min–max over these).
     pub runs: usize,
-    /// Only these measurements (1..=7); empty: all.
+    /// Only these measurements (1..=8); empty: all.
     pub only: Vec<u32>,
     /// The command line that produced the report, for the report.
     pub command: String,
@@ -217,7 +220,7 @@ pub fn run(options: &Options) -> Result<Results> {
     let machine = report::machine_info();
     let mut results = Results::default();
     type Measure = fn(&Options, &mut Results) -> Result<()>;
-    let all: [(u32, &str, Measure); 5] = [
+    let all: [(u32, &str, Measure); 6] = [
         (1, "XDP program cost", progcost::run),
         (5, "control plane", control::run),
         (
@@ -227,6 +230,11 @@ pub fn run(options: &Options) -> Result<Results> {
         ),
         (4, "real sockets", sockets::run),
         (7, "bulk TCP through the nodePort", bulk::run),
+        (
+            8,
+            "concurrent connections to one remote backend",
+            flows::run,
+        ),
     ];
     for (m, name, f) in all {
         let wanted = options.wants(m) || (m == 2 && (options.wants(3) || options.wants(6)));

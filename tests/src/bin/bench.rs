@@ -55,8 +55,8 @@ fn parse(args: &[String]) -> Result<bench::Options> {
                         .trim()
                         .parse()
                         .ok()
-                        .filter(|n| (1..=7).contains(n))
-                        .with_context(|| format!("--only: {part:?} is not a measurement 1..=7"))?;
+                        .filter(|n| (1..=8).contains(n))
+                        .with_context(|| format!("--only: {part:?} is not a measurement 1..=8"))?;
                     options.only.push(n);
                 }
             }
@@ -75,6 +75,16 @@ fn parse(args: &[String]) -> Result<bench::Options> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // A helper of measurement 8, run by the bench itself in the client namespace.
+    if args.first().map(String::as_str) == Some("hold-connections") {
+        return match bench::flows::hold_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench hold-connections: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = match parse(&args) {
         Ok(o) => o,
         Err(e) => {
