@@ -535,7 +535,7 @@ reasons! {
     TcRedirectPeer = "tc_redirect_peer": "forwarded by tc straight into a local pod's namespace",
     TcRedirect = "tc_redirect": "forwarded by tc to the egress device",
     TcRedirectNeigh = "tc_redirect_neigh": "forwarded by tc, the kernel resolving the next hop",
-    XdpToTc = "xdp_to_tc": "left by XDP for tc, which counts the verdict (egress needs an skb, or no neighbour yet; not a verdict)",
+    XdpToTc = "xdp_to_tc": "left by XDP for tc, which counts the verdict: egress needs an skb, or no neighbour yet (not a verdict)",
     PassNotIpv4 = "pass_not_ipv4": "passed: not IPv4 (or IPv4 of a VLAN, tagged)",
     PassNotTcpUdp = "pass_not_tcp_udp": "passed: IPv4 but neither TCP nor UDP",
     PassNoService = "pass_no_service": "passed: no frontend and no flow for this packet",

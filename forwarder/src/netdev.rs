@@ -61,8 +61,9 @@ pub fn mac(name: &str) -> Result<[u8; 6], NetdevError> {
     // SAFETY: a new descriptor that we now own.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name from `req` and
-    // writes a sockaddr into it; `req` is a live ifreq.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+    // writes a sockaddr into it; `req` is a live ifreq. (The request's type
+    // is the C library's: unsigned long on glibc, int on musl.)
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut req) } < 0 {
         let e = io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::ENODEV) {
             NetdevError::UnknownInterface(name.to_string())
