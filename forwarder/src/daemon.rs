@@ -537,7 +537,7 @@ fn reconcile(
             translate::translate_with(&set.services, &set.endpoint_slices, &node, args.services);
         state.skips.update(&t.skipped);
         let current = dp.maps.snapshot()?;
-        let ops = plan::plan_within(&t.desired, &current, &args.limits)?;
+        let ops = plan::plan_within(&t.desired, &current, &dp.limits())?;
         dp.maps.apply(&ops)?;
         match dp.maps.set_policed_pods(&t.policed) {
             Ok(0) => {}

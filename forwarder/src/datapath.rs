@@ -208,7 +208,8 @@ pub struct Datapath {
     pub adopted: Option<DaemonStatus>,
     pub object_hash: u64,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// LRU evictions inferred at each sweep, per table.
+    /// The service maps' sizes as loaded (pinned maps keep theirs).
+    limits: crate::plan::Limits,
     /// Entries `purge_stale_flows` removed, per table (half-open,
     /// established): the sweeper's eviction inference subtracts them.
     purged: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
@@ -451,28 +452,6 @@ fn service_map_sizes(limits: &crate::plan::Limits) -> [(&'static str, u32); 5] {
     ]
 }
 
-/// Unpins service maps pinned at another size, so they are created at the
-/// size asked for. They hold nothing the source does not give again (the
-/// daemon programs them in full before its programs replace the running
-/// ones, which keep their own maps until then); their counters restart.
-/// The conntrack table is kept whatever its size: it holds the flows.
-fn retire_resized_service_maps(pin_dir: &Path, limits: &crate::plan::Limits) -> Result<()> {
-    for (name, size) in service_map_sizes(limits) {
-        let path = pin_path(pin_dir, name);
-        let Ok(pinned) = MapData::from_pin(&path).and_then(|m| m.info()) else {
-            continue;
-        };
-        if pinned.max_entries() != size {
-            info!(
-                "pinned map {name} holds {} entries, {size} are asked for: creating it anew",
-                pinned.max_entries()
-            );
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
 /// Identifies the programs as loaded: the embedded object and what the
 /// loader patches into it.
 pub fn object_hash(generation: u32) -> u64 {
@@ -507,7 +486,6 @@ impl Datapath {
         );
         ensure_bpffs(&opts.pin_dir)?;
         retire_incompatible_pins(&opts.pin_dir)?;
-        retire_resized_service_maps(&opts.pin_dir, &opts.limits)?;
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -567,6 +545,29 @@ impl Datapath {
                 );
             }
         }
+        // Pinned service maps keep their size too: a map swapped under
+        // running programs is a window we do not open. The plan fits the
+        // maps as they are.
+        let size_of = |name: &str, asked: u32| {
+            let size = MapData::from_pin(pin_path(&opts.pin_dir, name))
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .unwrap_or(asked);
+            if size != asked {
+                warn!(
+                    "the pinned map {name} holds {size} entries, not the {asked} asked for: keeping it; `forwarder uninstall` to resize"
+                );
+            }
+            size
+        };
+        let limits = crate::plan::Limits {
+            frontends: size_of(map_names::FRONTENDS, opts.limits.frontends),
+            backends: size_of(map_names::BACKENDS, opts.limits.backends)
+                .min(size_of(map_names::BACKEND_MEMBERS, opts.limits.backends)),
+            service_ports: size_of(map_names::SERVICE_STATS, opts.limits.service_ports).min(
+                size_of(map_names::SERVICE_LABELS, opts.limits.service_ports),
+            ),
+        };
         maps.config
             .set(0, opts.config, 0)
             .context("writing the datapath config")?;
@@ -606,6 +607,7 @@ impl Datapath {
             adopted: previous,
             object_hash,
             logger,
+            limits,
             purged: Default::default(),
             sweeper: None,
         };
@@ -942,6 +944,11 @@ impl Datapath {
             }
         }
         Ok(self.pod_devices.values().map(|(n, _)| n.clone()).collect())
+    }
+
+    /// The service maps' sizes the plan must fit (as loaded).
+    pub fn limits(&self) -> crate::plan::Limits {
+        self.limits
     }
 
     /// What a sweep on another thread needs: the one made at load (its
