@@ -165,7 +165,8 @@ fn snat_port(t: &Testbed, daemon: Option<&Daemon>) -> Result<u16> {
         Some(d) => {
             let maps = d.maps()?;
             let client = u32::from_ne_bytes(CLIENT_IP.octets());
-            for item in maps.conntrack.iter() {
+            // A UDP flow starts half-open and moves once it is a stream.
+            for item in maps.conntrack.iter().chain(maps.ct_half_open.iter()) {
                 let (k, e) = item?;
                 if k.proto == IPPROTO_UDP
                     && k.saddr_be == client
