@@ -18,10 +18,7 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::TcpStream,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -30,7 +27,7 @@ use anyhow::{ensure, Context, Result};
 use integration_tests::{
     daemon::{workspace_binary, Daemon},
     kube_proxy::{install, restore_input, Backend, Cidr, KpConfig, KpEndpoint, KpPort, KpService},
-    netns,
+    netns, run_cluster_test,
     topology::{Cluster, ClusterOptions, HttpReply, Pod, HTTP_NODE_PORT, HTTP_PORT, NODE_IPS},
 };
 
@@ -47,9 +44,6 @@ const LIVE: usize = 16;
 const PACE_MS: u64 = 200;
 /// New connections right after the flood, of which 99% must succeed.
 const AFTER: usize = 200;
-
-/// One cluster at a time, whatever the test-thread count.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn install_kube_proxy(cluster: &Cluster, pods: &[&Pod]) -> Result<()> {
     let mut svc = KpService::new("default", SERVICE, CLUSTER_IP)
@@ -281,27 +275,18 @@ fn explain<T>(daemon: Option<&Daemon>, result: Result<T>) -> Result<T> {
     })
 }
 
-fn run(name: &str, test: impl FnOnce() -> Result<()>) {
-    if let Some(reason) = netns::skip_reason() {
-        println!("skipped: {reason}");
-        return;
-    }
-    if let Some(reason) = Backend::Legacy.missing() {
-        println!("skipped: {reason}");
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = test() {
-        panic!("{name}: {e:?}");
-    }
-}
-
 #[test]
 fn a_syn_flood_breaks_no_connection_and_locks_no_one_out() {
-    run("syn flood (forwarder)", || syn_flood(true));
+    run_cluster_test("syn flood (forwarder)", Some(Backend::Legacy), || {
+        syn_flood(true)
+    });
 }
 
 #[test]
 fn a_syn_flood_breaks_no_connection_and_locks_no_one_out_with_kube_proxy_alone() {
-    run("syn flood (kube-proxy alone)", || syn_flood(false));
+    run_cluster_test(
+        "syn flood (kube-proxy alone)",
+        Some(Backend::Legacy),
+        || syn_flood(false),
+    );
 }

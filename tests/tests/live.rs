@@ -12,7 +12,6 @@
 //! ```
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
@@ -23,7 +22,7 @@ use integration_tests::{
     kube_proxy::{
         self, install, restore_input, Backend, Cidr, KpConfig, KpEndpoint, KpPort, KpService,
     },
-    netns,
+    netns, run_cluster_test,
     topology::{
         service_manifest, write_atomically, Cluster, ClusterOptions, HttpReply, Pod, CLIENT_IP,
         HTTP_NODE_PORT, HTTP_PORT, NODE_IPS, UDP_NODE_PORT, UDP_PORT,
@@ -36,9 +35,6 @@ const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// Long-lived connections per phase: keep-alive, one request every PACE.
 const LIVE: usize = 8;
 const PACE_MS: u64 = 200;
-
-/// One cluster at a time, whatever the test-thread count.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The Service as kube-proxy sees it, with `pods` as endpoints in the
 /// given conditions (ready, serving, terminating).
@@ -421,45 +417,30 @@ fn pods_of(cluster: &Cluster, ns: &str, count: usize) -> Result<BTreeSet<String>
     Ok(pods)
 }
 
-fn run(name: &str, test: impl FnOnce() -> Result<()>) {
-    if let Some(reason) = netns::skip_reason() {
-        println!("skipped: {reason}");
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = test() {
-        panic!("{name}: {e:?}");
-    }
-}
-
 #[test]
 fn turning_on_keeps_kube_proxys_connections_and_uninstall_drains_its_own() {
-    if let Some(reason) = Backend::Legacy.missing() {
-        println!("skipped: {reason}");
-        return;
-    }
-    run("on and off", on_and_off);
+    run_cluster_test("on and off", Some(Backend::Legacy), on_and_off);
 }
 
 #[test]
 fn a_terminating_then_removed_endpoint_keeps_its_connections() {
-    run("draining endpoint (forwarder)", || draining_endpoint(true));
-}
-
-#[test]
-fn a_terminating_then_removed_endpoint_keeps_its_connections_with_kube_proxy_alone() {
-    if let Some(reason) = Backend::Legacy.missing() {
-        println!("skipped: {reason}");
-        return;
-    }
-    run("draining endpoint (kube-proxy alone)", || {
-        draining_endpoint(false)
+    run_cluster_test("draining endpoint (forwarder)", None, || {
+        draining_endpoint(true)
     });
 }
 
 #[test]
+fn a_terminating_then_removed_endpoint_keeps_its_connections_with_kube_proxy_alone() {
+    run_cluster_test(
+        "draining endpoint (kube-proxy alone)",
+        Some(Backend::Legacy),
+        || draining_endpoint(false),
+    );
+}
+
+#[test]
 fn session_affinity_keeps_each_client_on_one_backend() {
-    run("affinity", affinity);
+    run_cluster_test("affinity", None, affinity);
 }
 
 /// A UDP flow whose backend leaves the slice moves to a live backend at
@@ -525,5 +506,5 @@ fn udp_flow_moves() -> Result<()> {
 
 #[test]
 fn a_udp_flow_moves_when_its_backend_leaves() {
-    run("udp flow moves", udp_flow_moves);
+    run_cluster_test("udp flow moves", None, udp_flow_moves);
 }

@@ -15,7 +15,7 @@
 //! cargo build --release -p forwarder -p integration-tests --bins
 //! cargo test --release -p integration-tests --test policy -- --test-threads=1
 //! ```
-use std::{collections::BTreeMap, sync::Mutex};
+use std::collections::BTreeMap;
 
 use anyhow::{ensure, Context, Result};
 use integration_tests::{
@@ -23,7 +23,7 @@ use integration_tests::{
     kube_proxy::{
         self, install, restore_input, Backend, Cidr, KpConfig, KpEndpoint, KpPort, KpService,
     },
-    netns,
+    run_cluster_test,
     topology::{
         lan_client_ip, write_atomically, Cluster, ClusterOptions, HttpReply, Pod, HTTP_NODE_PORT,
         HTTP_PORT, UDP_NODE_PORT, UDP_PORT,
@@ -37,9 +37,6 @@ const CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// New connections per client.
 const CONNECTIONS: usize = 24;
-
-/// One cluster at a time, whatever the test-thread count.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The Pods (each labelled with its own name) and the NetworkPolicy that
 /// lets every client but `denied` into `guarded`.
@@ -280,32 +277,25 @@ fn policy_holds(variant: Variant) -> Result<()> {
     })
 }
 
-fn run(name: &str, variant: Variant) {
-    if let Some(reason) = netns::skip_reason() {
-        println!("skipped: {reason}");
-        return;
-    }
-    if let Some(reason) = Backend::Legacy.missing() {
-        println!("skipped: {reason}");
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = policy_holds(variant) {
-        panic!("{name}: {e:?}");
-    }
-}
-
 #[test]
 fn a_network_policy_enforced_in_forward_holds_with_the_forwarder() {
-    run("policy with the forwarder", Variant::Forwarder);
+    run_cluster_test("policy with the forwarder", Some(Backend::Legacy), || {
+        policy_holds(Variant::Forwarder)
+    });
 }
 
 #[test]
 fn a_network_policy_enforced_in_forward_holds_with_kube_proxy_alone() {
-    run("policy with kube-proxy alone", Variant::KubeProxyAlone);
+    run_cluster_test(
+        "policy with kube-proxy alone",
+        Some(Backend::Legacy),
+        || policy_holds(Variant::KubeProxyAlone),
+    );
 }
 
 #[test]
 fn with_policy_enforced_outside_netfilter_the_forwarder_carries_the_guarded_pod() {
-    run("policy enforced elsewhere", Variant::PolicyElsewhere);
+    run_cluster_test("policy enforced elsewhere", Some(Backend::Legacy), || {
+        policy_holds(Variant::PolicyElsewhere)
+    });
 }
