@@ -47,6 +47,15 @@ pub struct ManifestSet {
 }
 
 impl ManifestSet {
+    /// The Pods and NetworkPolicies read, for [`crate::policy::Policing::of`].
+    pub fn policy_objects(&self) -> crate::policy::PolicyObjects<'_> {
+        crate::policy::PolicyObjects {
+            pods: &self.pods,
+            policies: &self.network_policies,
+            unreadable: &self.unreadable_policies,
+        }
+    }
+
     /// Appends another set (e.g. the next file of a directory).
     pub fn extend(&mut self, other: ManifestSet) {
         self.services.extend(other.services);

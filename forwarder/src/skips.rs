@@ -269,14 +269,7 @@ mod tests {
         let node = NodeContext {
             node_name: "node1".into(),
             node_addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 1)],
-            policing: crate::policy::Policing::of(
-                crate::policy::PolicyObjects {
-                    pods: &set.pods,
-                    policies: &set.network_policies,
-                    unreadable: &set.unreadable_policies,
-                },
-                "node1",
-            ),
+            policing: crate::policy::Policing::of(set.policy_objects(), "node1"),
         };
         translate_with(&set.services, &set.endpoint_slices, &node, selection).skipped
     }

@@ -1197,14 +1197,7 @@ mod tests {
         let set = manifest::parse_str(Path::new("test.yaml"), yaml);
         assert!(set.problems.is_empty(), "{:?}", set.problems);
         let node = NodeContext {
-            policing: crate::policy::Policing::of(
-                crate::policy::PolicyObjects {
-                    pods: &set.pods,
-                    policies: &set.network_policies,
-                    unreadable: &set.unreadable_policies,
-                },
-                "node1",
-            ),
+            policing: crate::policy::Policing::of(set.policy_objects(), "node1"),
             ..node()
         };
         translate(&set.services, &set.endpoint_slices, &node)
